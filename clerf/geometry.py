@@ -1,0 +1,527 @@
+"""The single source of truth for pose geometry in clerf (``shared/CONVENTIONS.md``).
+
+Every function is batched over leading dimensions, differentiable where that makes sense, and
+works on any device in float32 or float64. Angles at this API are in **degrees**.
+
+Conventions (see ``shared/CONVENTIONS.md``):
+
+* A label ``(pitch, yaw, roll)`` means ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` with the standard
+  right-handed elementary rotations.
+* The rows of ``R`` are the head's axes (right, up, nose) in camera coordinates, where the camera
+  frame is x = image right, y = image up, z = toward the viewer. The third column ``R @ e_z`` is
+  the direction of the camera seen from the head.
+* Positive yaw turns the face toward the image's left, positive pitch tilts it up, positive roll
+  turns the head clockwise on screen.
+* An image rotation by ``phi`` degrees **clockwise on screen** maps ``R -> R @ Rz(phi)``; a
+  horizontal flip maps ``R -> F @ R @ F`` with ``F = diag(-1, 1, 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EulerAngles",
+    "BinSpec",
+    "HOPENET_BINS",
+    "FULL_RANGE_BINS",
+    "rot_x",
+    "rot_y",
+    "rot_z",
+    "rotation_from_euler",
+    "euler_from_rotation",
+    "rotation_from_6d",
+    "sixd_from_rotation",
+    "geodesic_distance",
+    "geodesic_error",
+    "hflip_rotation",
+    "vflip_rotation",
+    "rotate_inplane",
+    "camera_direction",
+    "split_camera_inplane",
+    "lookat_rotation",
+    "random_rotation",
+    "sample_euler_box",
+    "check_rotation",
+    "is_rotation",
+    "image_axes",
+    "wrap_degrees",
+    "euler_abs_error",
+    "euler_mae",
+    "maev",
+    "axis_errors",
+    "bin_edges",
+    "bin_centers",
+    "angle_to_bin",
+    "decode_bins",
+]
+
+
+class EulerAngles(NamedTuple):
+    """Euler angles in degrees, each a tensor of the same shape."""
+
+    pitch: Tensor
+    yaw: Tensor
+    roll: Tensor
+
+
+def _as_tensor(x: Tensor | float, like: Tensor | None = None) -> Tensor:
+    if isinstance(x, Tensor):
+        return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+    if like is not None:
+        return torch.as_tensor(x, dtype=like.dtype, device=like.device)
+    return torch.as_tensor(x, dtype=torch.get_default_dtype())
+
+
+def _stack33(entries: Sequence[Tensor]) -> Tensor:
+    """Stack 9 same-shape tensors (row-major) into ``(..., 3, 3)``."""
+    return torch.stack(list(entries), dim=-1).unflatten(-1, (3, 3))
+
+
+# --------------------------------------------------------------------------- elementary rotations
+
+
+def rot_x(angle: Tensor | float) -> Tensor:
+    """Rotation about the x axis by ``angle`` degrees: ``[[1,0,0],[0,c,-s],[0,s,c]]``."""
+    a = torch.deg2rad(_as_tensor(angle))
+    c, s = torch.cos(a), torch.sin(a)
+    o, z = torch.ones_like(a), torch.zeros_like(a)
+    return _stack33([o, z, z, z, c, -s, z, s, c])
+
+
+def rot_y(angle: Tensor | float) -> Tensor:
+    """Rotation about the y axis by ``angle`` degrees: ``[[c,0,s],[0,1,0],[-s,0,c]]``."""
+    a = torch.deg2rad(_as_tensor(angle))
+    c, s = torch.cos(a), torch.sin(a)
+    o, z = torch.ones_like(a), torch.zeros_like(a)
+    return _stack33([c, z, s, z, o, z, -s, z, c])
+
+
+def rot_z(angle: Tensor | float) -> Tensor:
+    """Rotation about the z axis by ``angle`` degrees: ``[[c,-s,0],[s,c,0],[0,0,1]]``."""
+    a = torch.deg2rad(_as_tensor(angle))
+    c, s = torch.cos(a), torch.sin(a)
+    o, z = torch.ones_like(a), torch.zeros_like(a)
+    return _stack33([c, -s, z, s, c, z, z, z, o])
+
+
+# --------------------------------------------------------------------------- Euler angles
+
+
+def rotation_from_euler(
+    pitch: Tensor | float, yaw: Tensor | float, roll: Tensor | float
+) -> Tensor:
+    """Rotation matrix ``Rz(roll) @ Ry(yaw) @ Rx(pitch)`` from angles in degrees.
+
+    Args:
+        pitch, yaw, roll: broadcastable tensors (or floats) of shape ``(...)``, degrees.
+
+    Returns:
+        ``(..., 3, 3)`` rotation matrices.
+
+    Example:
+        >>> R = rotation_from_euler(torch.tensor(0.0), torch.tensor(30.0), torch.tensor(0.0))
+        >>> bool(R[2, 0] < 0)  # the nose (row 2) points to image-left for positive yaw
+        True
+    """
+    ref = next((t for t in (pitch, yaw, roll) if isinstance(t, Tensor)), None)
+    p, y, r = (_as_tensor(t, ref) for t in (pitch, yaw, roll))
+    p, y, r = torch.broadcast_tensors(p, y, r)
+    return rot_z(r) @ rot_y(y) @ rot_x(p)
+
+
+def euler_from_rotation(R: Tensor, eps: float | None = None) -> EulerAngles:
+    """Euler angles (degrees) of ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)``.
+
+    ``pitch = atan2(R21, R22)``, ``yaw = atan2(-R20, hypot(R00, R10))``, ``roll = atan2(R10, R00)``,
+    so yaw lies in ``[-90, 90]``; pitch and roll in ``(-180, 180]``.
+
+    Singular case: when ``hypot(R00, R10) <= eps`` (|yaw| = 90 deg, gimbal lock) only
+    ``pitch - sign(yaw) * roll`` is determined. Then ``roll`` is set to 0 and
+    ``pitch = atan2(-R20 * R01, R11)``, which reconstructs ``R`` exactly.
+    ``eps`` defaults to 1e-6 (float64) or 1e-5 (float32/16).
+
+    Args:
+        R: ``(..., 3, 3)`` rotation matrices.
+
+    Returns:
+        :class:`EulerAngles` of ``(...)`` tensors in degrees.
+    """
+    if eps is None:
+        eps = 1e-6 if R.dtype == torch.float64 else 1e-5
+    r00, r01, r10, r11 = R[..., 0, 0], R[..., 0, 1], R[..., 1, 0], R[..., 1, 1]
+    r20, r21, r22 = R[..., 2, 0], R[..., 2, 1], R[..., 2, 2]
+    cy = torch.hypot(r00, r10)
+    singular = cy <= eps
+    yaw = torch.atan2(-r20, cy)
+    # Keep the unselected branch finite so gradients through torch.where stay finite.
+    safe = torch.ones_like(r00)
+    pitch_regular = torch.atan2(torch.where(singular, safe, r21), torch.where(singular, safe, r22))
+    roll_regular = torch.atan2(torch.where(singular, safe, r10), torch.where(singular, safe, r00))
+    pitch_singular = torch.atan2(
+        torch.where(singular, -r20 * r01, safe), torch.where(singular, r11, safe)
+    )
+    pitch = torch.where(singular, pitch_singular, pitch_regular)
+    roll = torch.where(singular, torch.zeros_like(roll_regular), roll_regular)
+    return EulerAngles(torch.rad2deg(pitch), torch.rad2deg(yaw), torch.rad2deg(roll))
+
+
+# --------------------------------------------------------------------------- 6D representation
+
+
+def rotation_from_6d(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Rotation from the 6D representation by Gram-Schmidt, as in 6DRepNet.
+
+    ``x[..., :3]`` and ``x[..., 3:]`` are two raw vectors ``a, b``. The first column is
+    ``a / |a|``, the third is ``normalize(col0 x b)``, the second is ``col2 x col0``.
+
+    Args:
+        x: ``(..., 6)``.
+
+    Returns:
+        ``(..., 3, 3)`` rotation matrices whose first two columns span ``a, b``.
+    """
+    if x.shape[-1] != 6:
+        raise ValueError(f"rotation_from_6d expects (..., 6), got shape {tuple(x.shape)}")
+    a, b = x[..., :3], x[..., 3:]
+    c0 = a / a.norm(dim=-1, keepdim=True).clamp_min(eps)
+    c2 = torch.linalg.cross(c0, b, dim=-1)
+    c2 = c2 / c2.norm(dim=-1, keepdim=True).clamp_min(eps)
+    c1 = torch.linalg.cross(c2, c0, dim=-1)
+    return torch.stack([c0, c1, c2], dim=-1)
+
+
+def sixd_from_rotation(R: Tensor) -> Tensor:
+    """The 6D representation of ``R``: its first two columns, ``(..., 6)``.
+
+    ``rotation_from_6d(sixd_from_rotation(R)) == R`` for any rotation ``R``.
+    """
+    return torch.cat([R[..., :, 0], R[..., :, 1]], dim=-1)
+
+
+# --------------------------------------------------------------------------- distances
+
+
+def geodesic_distance(R1: Tensor, R2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Angle of ``R1.T @ R2`` in degrees, ``(...)``, in ``[0, 180]``.
+
+    Computed with ``atan2(|skew|, trace - 1)`` rather than ``arccos``: exact near 0 and 180 deg and
+    with a finite gradient there (``arccos`` of a clamped cosine has an infinite slope at 0).
+    ``eps`` only guards the norm's gradient when the two rotations are identical.
+    """
+    M = R1.transpose(-1, -2) @ R2
+    cos2 = M[..., 0, 0] + M[..., 1, 1] + M[..., 2, 2] - 1.0  # 2 cos(theta)
+    skew = torch.stack(
+        [M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]],
+        dim=-1,
+    )
+    sin2 = torch.sqrt((skew * skew).sum(-1) + eps * eps) - eps  # 2 sin(theta), >= 0
+    return torch.rad2deg(torch.atan2(sin2, cos2))
+
+
+def geodesic_error(R_pred: Tensor, R_true: Tensor) -> Tensor:
+    """Per-sample geodesic error in degrees (CONVENTIONS section 7); ``(...)``."""
+    return geodesic_distance(R_pred, R_true)
+
+
+# --------------------------------------------------------------------------- image operations
+
+
+_F_DIAG = (-1.0, 1.0, 1.0)
+_G_DIAG = (1.0, -1.0, 1.0)
+
+
+def _diag_like(values: tuple[float, float, float], R: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=R.dtype, device=R.device)
+
+
+def hflip_rotation(R: Tensor) -> Tensor:
+    """Label of the horizontally mirrored image: ``F @ R @ F``, ``F = diag(-1, 1, 1)``.
+
+    Equals ``(pitch, -yaw, -roll)`` in Euler angles.
+    """
+    f = _diag_like(_F_DIAG, R)
+    return f[:, None] * R * f[None, :]
+
+
+def vflip_rotation(R: Tensor) -> Tensor:
+    """Label of the vertically mirrored image.
+
+    A vertical flip is an image rotation by 180 deg followed by a horizontal flip, so this equals
+    ``hflip_rotation(rotate_inplane(R, 180))`` = ``F @ R @ diag(1, -1, 1)``.
+    """
+    f = _diag_like(_F_DIAG, R)
+    g = _diag_like(_G_DIAG, R)
+    return f[:, None] * R * g[None, :]
+
+
+def rotate_inplane(R: Tensor, angle: Tensor | float) -> Tensor:
+    """Label of the image rotated by ``angle`` degrees **clockwise on screen**: ``R @ Rz(angle)``.
+
+    This is a rotation about the camera's optical axis; it is not ``roll + angle`` (that is
+    ``Rz(angle) @ R``, a rotation about the head's facing axis).
+
+    Args:
+        R: ``(..., 3, 3)``.
+        angle: degrees, broadcastable to ``R.shape[:-2]``.
+    """
+    return R @ rot_z(_as_tensor(angle, R)).to(R)
+
+
+def camera_direction(R: Tensor) -> Tensor:
+    """Direction of the camera seen from the head (head coordinates): ``R @ [0, 0, 1]``."""
+    return R[..., :, 2]
+
+
+def lookat_rotation(direction: Tensor, eps: float = 1e-9) -> Tensor:
+    """The roll-free rotation whose camera direction is ``direction`` (head coordinates).
+
+    A look-at camera placed on the ray ``direction`` from the head, looking at the head, with the
+    head's up axis (+y) as its up vector and no camera roll. Its image-right axis is
+    ``normalize(e_y x d)``. The result is ``Ry(azimuth) @ Rx(elevation)`` with
+    ``azimuth = atan2(d_x, d_z)`` and ``elevation = atan2(-d_y, hypot(d_x, d_z))``. When the camera
+    sits straight above or below the head (``d`` parallel to y) the azimuth is taken as 0.
+
+    Args:
+        direction: ``(..., 3)``, need not be unit length.
+
+    Returns:
+        ``(..., 3, 3)``.
+    """
+    d = direction / direction.norm(dim=-1, keepdim=True).clamp_min(eps)
+    horiz = torch.hypot(d[..., 0], d[..., 2])
+    azimuth = torch.rad2deg(torch.atan2(d[..., 0], d[..., 2]))
+    azimuth = torch.where(horiz <= 1e-12, torch.zeros_like(azimuth), azimuth)
+    elevation = torch.rad2deg(torch.atan2(-d[..., 1], horiz))
+    return rot_y(azimuth) @ rot_x(elevation)
+
+
+def split_camera_inplane(R: Tensor) -> tuple[Tensor, Tensor]:
+    """Split ``R`` into a roll-free look-at rotation and an in-plane image rotation.
+
+    Returns ``(R_lookat, angle)`` with ``camera_direction(R_lookat) == camera_direction(R)``,
+    ``R_lookat`` as a look-at camera with no roll would give (:func:`lookat_rotation`), and
+    ``rotate_inplane(R_lookat, angle) == R``; ``angle`` in degrees (clockwise on screen),
+    in ``(-180, 180]``.
+    """
+    R_lookat = lookat_rotation(camera_direction(R)).to(R)
+    M = R_lookat.transpose(-1, -2) @ R  # = Rz(angle)
+    angle = torch.rad2deg(torch.atan2(M[..., 1, 0], M[..., 0, 0]))
+    return R_lookat, angle
+
+
+def image_axes(R: Tensor) -> Tensor:
+    """Head axes as 2D image directions (orthographic), ``(..., 3, 2)``.
+
+    Row ``i`` is ``(dx, dy)`` of head axis ``i`` (right, up, nose) in image pixel coordinates,
+    where y points **down**: ``(R[i, 0], -R[i, 1])``. Length is the axis' projected length (<= 1).
+    """
+    return torch.stack([R[..., :, 0], -R[..., :, 1]], dim=-1)
+
+
+# --------------------------------------------------------------------------- sampling & checks
+
+
+def random_rotation(
+    n: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``n`` rotations drawn uniformly (Haar measure) over SO(3), ``(n, 3, 3)``.
+
+    Uses normalised 4D Gaussian quaternions, which are uniform on the 3-sphere. Sampling happens
+    in float64 on the generator's device, so a seeded generator gives the same rotations whatever
+    ``dtype`` is asked for.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64, device=gen_device)
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    R = _stack33(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+        ]
+    )  # fmt: skip
+    return R.to(dtype=dtype, device=device if device is not None else gen_device)
+
+
+def sample_euler_box(
+    n: int,
+    pitch: tuple[float, float] = (-60.0, 60.0),
+    yaw: tuple[float, float] = (-90.0, 90.0),
+    roll: tuple[float, float] = (-45.0, 45.0),
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``n`` rotations with each Euler angle uniform in its ``(low, high)`` range (degrees).
+
+    Uniform in the angles, not in SO(3). Returns ``(n, 3, 3)``.
+    """
+    for name, (lo, hi) in (("pitch", pitch), ("yaw", yaw), ("roll", roll)):
+        if not lo <= hi:
+            raise ValueError(f"{name} range must be (low, high) with low <= high, got ({lo}, {hi})")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64, device=gen_device)
+    lo = torch.tensor([pitch[0], yaw[0], roll[0]], dtype=torch.float64, device=gen_device)
+    hi = torch.tensor([pitch[1], yaw[1], roll[1]], dtype=torch.float64, device=gen_device)
+    a = lo + u * (hi - lo)
+    R = rotation_from_euler(a[:, 0], a[:, 1], a[:, 2])
+    return R.to(dtype=dtype, device=device if device is not None else gen_device)
+
+
+def _rotation_defects(R: Tensor) -> tuple[Tensor, Tensor]:
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    ortho = (R @ R.transpose(-1, -2) - eye).abs().amax(dim=(-1, -2))
+    det = torch.linalg.det(R)
+    return ortho, det
+
+
+def is_rotation(R: Tensor, tol: float = 1e-4) -> Tensor:
+    """Boolean ``(...)``: ``max|R R^T - I| <= tol`` and ``|det R - 1| <= tol``."""
+    ortho, det = _rotation_defects(R)
+    return (ortho <= tol) & ((det - 1).abs() <= tol)
+
+
+def check_rotation(R: Tensor, tol: float = 1e-4, name: str = "rotation") -> Tensor:
+    """Return ``R`` if it is a batch of rotation matrices, else raise ``ValueError``.
+
+    The error names the first offending element, its orthonormality defect and determinant.
+    """
+    if R.ndim < 2 or tuple(R.shape[-2:]) != (3, 3):
+        raise ValueError(f"{name}: expected a (..., 3, 3) tensor, got shape {tuple(R.shape)}")
+    if not torch.isfinite(R).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    ortho, det = _rotation_defects(R.detach().double())
+    bad = (ortho > tol) | ((det - 1).abs() > tol)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}: element {idx} is not a rotation matrix (max |R R^T - I| = "
+            f"{float(ortho[idx]):.3g}, det = {float(det[idx]):.6g}; tolerance {tol:g})"
+        )
+    return R
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def wrap_degrees(x: Tensor) -> Tensor:
+    """Wrap angles (degrees) by 360 into ``[-180, 180)``. Never by 180."""
+    return torch.remainder(x + 180.0, 360.0) - 180.0
+
+
+def euler_abs_error(pred: Tensor, true: Tensor) -> Tensor:
+    """Absolute angle differences in degrees, wrapped by 360 only: ``|wrap(pred - true)|``."""
+    return wrap_degrees(pred - true).abs()
+
+
+def euler_mae(pred: EulerAngles, true: EulerAngles) -> dict[str, float]:
+    """Per-axis Euler MAE and their mean (degrees), over all samples (CONVENTIONS section 7).
+
+    Differences are wrapped by 360 only, never by 180. Order- and batch-size-independent: it is a
+    plain mean over the flattened samples.
+    """
+    out = {}
+    for axis in ("yaw", "pitch", "roll"):
+        e = euler_abs_error(getattr(pred, axis), getattr(true, axis)).double()
+        out[axis] = float(e.mean())
+    out["mean"] = (out["yaw"] + out["pitch"] + out["roll"]) / 3.0
+    return out
+
+
+def axis_errors(R_pred: Tensor, R_true: Tensor, eps: float = 1e-7) -> Tensor:
+    """Angle (degrees) between each predicted and true head axis (rows of ``R``), ``(..., 3)``."""
+    cross = torch.linalg.cross(R_pred, R_true, dim=-1).norm(dim=-1)
+    dot = (R_pred * R_true).sum(-1)
+    return torch.rad2deg(torch.atan2(cross, dot))
+
+
+def maev(R_pred: Tensor, R_true: Tensor) -> Tensor:
+    """MAEV per sample: mean over the three head axes of the axis angle errors, degrees, ``(...)``."""
+    return axis_errors(R_pred, R_true).mean(-1)
+
+
+# --------------------------------------------------------------------------- bins (HopeNet)
+
+
+@dataclass(frozen=True)
+class BinSpec:
+    """Uniform angle bins: ``num_bins`` bins of ``width`` degrees starting at ``start``.
+
+    Bin ``i`` covers ``[start + i * width, start + (i + 1) * width)``; its centre is
+    ``start + (i + 0.5) * width``. The default is HopeNet's: 66 bins of 3 deg over [-99, 99).
+    """
+
+    start: float = -99.0
+    width: float = 3.0
+    num_bins: int = 66
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.num_bins <= 0:
+            raise ValueError(f"BinSpec needs width > 0 and num_bins > 0, got {self}")
+
+    @property
+    def stop(self) -> float:
+        return self.start + self.width * self.num_bins
+
+    @classmethod
+    def from_range(cls, start: float, stop: float, width: float) -> BinSpec:
+        n = (stop - start) / width
+        if abs(n - round(n)) > 1e-9 or round(n) <= 0:
+            raise ValueError(f"range [{start}, {stop}) is not a whole number of {width}-deg bins")
+        return cls(start=float(start), width=float(width), num_bins=int(round(n)))
+
+
+HOPENET_BINS = BinSpec()
+FULL_RANGE_BINS = BinSpec(start=-180.0, width=3.0, num_bins=120)
+
+
+def bin_edges(spec: BinSpec = HOPENET_BINS, dtype=torch.float32, device=None) -> Tensor:
+    """``num_bins + 1`` bin edges in degrees."""
+    i = torch.arange(spec.num_bins + 1, dtype=torch.float64, device=device)
+    return (spec.start + spec.width * i).to(dtype)
+
+
+def bin_centers(spec: BinSpec = HOPENET_BINS, dtype=torch.float32, device=None) -> Tensor:
+    """``num_bins`` bin centres in degrees (HopeNet default: ``-97.5 + 3 i``)."""
+    i = torch.arange(spec.num_bins, dtype=torch.float64, device=device)
+    return (spec.start + spec.width * (i + 0.5)).to(dtype)
+
+
+def angle_to_bin(angle: Tensor, spec: BinSpec = HOPENET_BINS, name: str = "angle") -> Tensor:
+    """Bin index (int64) of each angle in degrees; raises ``ValueError`` outside ``[start, stop)``.
+
+    The error names the first offending value, so it never reaches ``cross_entropy`` as -1 or
+    ``num_bins``.
+    """
+    a = angle.detach().double()
+    bad = ~((a >= spec.start) & (a < spec.stop))  # NaN is bad too
+    if bad.any():
+        first = a[bad].flatten()[0].item()
+        raise ValueError(
+            f"{name} = {first:.6g} deg lies outside the binned range "
+            f"[{spec.start:g}, {spec.stop:g}) ({int(bad.sum())} value(s) out of range)"
+        )
+    idx = torch.floor((a - spec.start) / spec.width).long()
+    return idx.clamp_(0, spec.num_bins - 1).to(angle.device)
+
+
+def decode_bins(logits: Tensor, spec: BinSpec = HOPENET_BINS) -> Tensor:
+    """Expected angle (degrees) under ``softmax(logits)`` using bin **centres**, ``(...)``.
+
+    HopeNet's reference code uses left edges (a 1.5 deg bias); clerf uses centres.
+    """
+    if logits.shape[-1] != spec.num_bins:
+        raise ValueError(f"decode_bins: expected {spec.num_bins} logits, got {logits.shape[-1]}")
+    centers = bin_centers(spec, dtype=logits.dtype, device=logits.device)
+    return torch.softmax(logits, dim=-1) @ centers
+

@@ -1,0 +1,117 @@
+"""The generator interface and registry.
+
+A generator renders faces of reproducible identities at exactly known rotations. It imports only
+``clerf.geometry`` and torch (``shared/ARCHITECTURE.md``).
+
+Contract of :meth:`PoseGenerator.render`:
+
+* ``identities``: ``(B,)`` int64; identity ``i`` of a generator built with ``seed`` is the same
+  face every time (it depends only on ``(seed, i)``).
+* ``rotations``: ``(B, 3, 3)`` target labels (``shared/CONVENTIONS.md``: rows = head axes in camera
+  coordinates, x right, y up, z toward the viewer).
+* Returns :class:`Rendered` with ``images`` ``(B, 3, H, W)`` uint8 RGB on the generator's device and
+  ``rotations`` ``(B, 3, 3)`` float32: the rotation that was actually rendered (after any
+  in-plane step), which is the label to store.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rendered:
+    """A rendered batch: uint8 images ``(B, 3, H, W)`` and their exact rotations ``(B, 3, 3)``."""
+
+    images: Tensor
+    rotations: Tensor
+
+
+class PoseGenerator(ABC):
+    """Base class of pose-conditioned face generators."""
+
+    #: registry name
+    name: ClassVar[str] = ""
+
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        self.seed = int(seed)
+        self.device = torch.device(device)
+
+    @abstractmethod
+    def render(self, identities: Tensor, rotations: Tensor, resolution: int) -> Rendered:
+        """Render ``identities[i]`` at ``rotations[i]``; see the module docstring."""
+
+    def params(self) -> dict[str, Any]:
+        """JSON-friendly parameters that, with the name and seed, rebuild this generator."""
+        return {}
+
+    def reachable(self, rotations: Tensor) -> Tensor:
+        """Boolean ``(B,)``: which target rotations this generator can render faithfully."""
+        return torch.ones(rotations.shape[:-2], dtype=torch.bool, device=rotations.device)
+
+
+_REGISTRY: dict[str, type[PoseGenerator]] = {}
+
+
+def register_generator(name: str):
+    """Class decorator: make a generator available under ``name`` in configs."""
+
+    def deco(cls: type[PoseGenerator]) -> type[PoseGenerator]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_generators() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    # Built-in generators register themselves on import.
+    for mod in ("generators.procedural", "generators.gan"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:  # pragma: no cover - during development only
+            if exc.name != mod:
+                raise
+
+
+def generator_class(name: str) -> type[PoseGenerator]:
+    """Look up a generator class by registry name or ``package.module:ClassName``."""
+    if ":" in name:
+        mod_name, _, cls_name = name.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ValueError(f"generator '{name}': cannot import module '{mod_name}' ({exc})") from exc
+        cls = getattr(mod, cls_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, PoseGenerator)):
+            raise ValueError(f"generator '{name}': '{cls_name}' is not a PoseGenerator subclass")
+        return cls
+    _load_builtins()
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise ValueError(
+            f"unknown generator '{name}' (known: {known}; or give package.module:ClassName)"
+        )
+    return _REGISTRY[name]
+
+
+def build_generator(
+    name: str, seed: int = 0, device: str | torch.device = "cpu", **params: Any
+) -> PoseGenerator:
+    """Instantiate a generator from its name and parameters (as found in a config)."""
+    cls = generator_class(name)
+    try:
+        return cls(seed=seed, device=device, **params)
+    except TypeError as exc:
+        raise ValueError(f"generator '{name}': bad parameters {sorted(params)} ({exc})") from exc
