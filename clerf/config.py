@@ -71,7 +71,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
     """Parse ``key.sub=value`` strings; a malformed one is a :class:`ConfigError`."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-4)")
+            raise ConfigError(
+                f"override '{item}' is not of the form key=value (e.g. train.lr=1e-4)"
+            )
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:

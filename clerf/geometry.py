@@ -446,7 +446,7 @@ def axis_errors(R_pred: Tensor, R_true: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def maev(R_pred: Tensor, R_true: Tensor) -> Tensor:
-    """MAEV per sample: mean over the three head axes of the axis angle errors, degrees, ``(...)``."""
+    """MAEV per sample: mean over the three head axes of their angle errors (deg), ``(...)``."""
     return axis_errors(R_pred, R_true).mean(-1)
 
 

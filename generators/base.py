@@ -92,7 +92,9 @@ def generator_class(name: str) -> type[PoseGenerator]:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as exc:
-            raise ValueError(f"generator '{name}': cannot import module '{mod_name}' ({exc})") from exc
+            raise ValueError(
+                f"generator '{name}': cannot import module '{mod_name}' ({exc})"
+            ) from exc
         cls = getattr(mod, cls_name, None)
         if not (isinstance(cls, type) and issubclass(cls, PoseGenerator)):
             raise ValueError(f"generator '{name}': '{cls_name}' is not a PoseGenerator subclass")
