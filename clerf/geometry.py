@@ -207,12 +207,12 @@ def sixd_from_rotation(R: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- distances
 
 
-def geodesic_distance(R1: Tensor, R2: Tensor, eps: float = 1e-7) -> Tensor:
+def geodesic_distance(R1: Tensor, R2: Tensor) -> Tensor:
     """Angle of ``R1.T @ R2`` in degrees, ``(...)``, in ``[0, 180]``.
 
     Computed with ``atan2(|skew|, trace - 1)`` rather than ``arccos``: exact near 0 and 180 deg and
-    with a finite gradient there (``arccos`` of a clamped cosine has an infinite slope at 0).
-    ``eps`` only guards the norm's gradient when the two rotations are identical.
+    with a finite gradient there (``arccos`` of a clamped cosine has an infinite slope at 0);
+    when ``R1 == R2`` exactly the gradient is 0 (a subgradient).
     """
     M = R1.transpose(-1, -2) @ R2
     cos2 = M[..., 0, 0] + M[..., 1, 1] + M[..., 2, 2] - 1.0  # 2 cos(theta)
@@ -220,7 +220,10 @@ def geodesic_distance(R1: Tensor, R2: Tensor, eps: float = 1e-7) -> Tensor:
         [M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]],
         dim=-1,
     )
-    sin2 = torch.sqrt((skew * skew).sum(-1) + eps * eps) - eps  # 2 sin(theta), >= 0
+    sq = (skew * skew).sum(-1)
+    pos = sq > 0
+    # 2 sin(theta) >= 0; the inner where keeps sqrt's gradient finite when R1 == R2.
+    sin2 = torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), 0.0)
     return torch.rad2deg(torch.atan2(sin2, cos2))
 
 
@@ -511,7 +514,10 @@ def angle_to_bin(angle: Tensor, spec: BinSpec = HOPENET_BINS, name: str = "angle
             f"{name} = {first:.6g} deg lies outside the binned range "
             f"[{spec.start:g}, {spec.stop:g}) ({int(bad.sum())} value(s) out of range)"
         )
-    idx = torch.floor((a - spec.start) / spec.width).long()
+    # Compare against the same edges that bin_edges() reports, so an angle always lies in
+    # [edges[i], edges[i + 1]) exactly (a floor of (a - start) / width can round across an edge).
+    edges = bin_edges(spec, dtype=torch.float64, device=a.device)
+    idx = torch.bucketize(a, edges, right=True) - 1
     return idx.clamp_(0, spec.num_bins - 1).to(angle.device)
 
 

@@ -1,0 +1,83 @@
+"""The typed experiment schema: YAML loading, validation errors, dotted overrides, provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from clerf import CONVENTIONS_VERSION, __version__
+from clerf.config import load_config, provenance, save_resolved
+from clerf.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_file_and_overrides(tmp_path):
+    p = _write(tmp_path, "name: demo\nseed: 3\ngenerator:\n  resolution: 32\n")
+    cfg = load_config(p, ["generator.resolution=48", "seed=7"])
+    assert cfg.name == "demo" and cfg.seed == 7 and cfg.generator.resolution == 48
+    assert cfg.generator.name == "procedural"  # default kept
+    with pytest.raises(Exception):  # read-only: stages cannot mutate the resolved config
+        cfg.seed = 1
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = _write(tmp_path, "generator:\n  resolutoin: 32\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(p) in str(err.value) and "generator.resolutoin" in str(err.value)
+
+
+def test_wrong_type_names_key_file_and_expected_type(tmp_path):
+    p = _write(tmp_path, "generator:\n  resolution: big\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert str(p) in msg and "generator.resolution" in msg and "int" in msg.lower()
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("generator.resolution=abc", "generator.resolution"), ("nokey=1", "nokey"),
+     ("seed", "key=value")],
+)
+def test_bad_overrides(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_resolved_config_round_trips_and_provenance(tmp_path):
+    cfg = load_config(None, ["seed=11", "generator.params.symmetric=true"])
+    out = save_resolved(cfg, tmp_path / "run")
+    again = load_config(out)
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    info = provenance(cfg, stage="test")
+    assert info["clerf_version"] == __version__
+    assert info["conventions_version"] == CONVENTIONS_VERSION
+    assert info["seed"] == 11 and info["stage"] == "test"
+    assert json.loads(info["config_json"])["seed"] == 11
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+    load_config(path)
