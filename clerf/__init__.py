@@ -1,6 +1,7 @@
 """clerf: a head pose estimation research toolkit.
 
 Importing ``clerf`` stays light: it must not import torchvision models, accelerate or h5py.
+``clerf.load_encoder`` is resolved lazily on first use.
 """
 
 __version__ = "0.1.0"
@@ -8,4 +9,13 @@ __version__ = "0.1.0"
 #: Version of ``shared/CONVENTIONS.md`` that this code implements; written into every artefact.
 CONVENTIONS_VERSION = "1"
 
-__all__ = ["__version__", "CONVENTIONS_VERSION"]
+__all__ = ["__version__", "CONVENTIONS_VERSION", "load_encoder"]
+
+
+def __getattr__(name: str):
+    # Lazy: the encoder needs torchvision, which `import clerf` must not import.
+    if name == "load_encoder":
+        from clerf.models.encoder import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module 'clerf' has no attribute {name!r}")

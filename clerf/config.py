@@ -41,12 +41,362 @@ class GeneratorConfig:
 
 
 @dataclass
+class TripletsConfig:
+    """How ``clerf generate`` samples triplets (``triplets/``; rules in ``docs/triplets.md``)."""
+
+    #: number of triplets (anchor, positive, negative); the store holds 3x as many images
+    count: int = 1000
+    #: anchor poses: ``uniform`` (Haar over SO(3)), ``euler_box`` or ``lookat``
+    poses: str = "euler_box"
+    #: euler_box ranges in degrees, [low, high] (300W-LP-like defaults)
+    pitch_range: list[float] = field(default_factory=lambda: [-60.0, 60.0])
+    yaw_range: list[float] = field(default_factory=lambda: [-90.0, 90.0])
+    roll_range: list[float] = field(default_factory=lambda: [-45.0, 45.0])
+    #: lookat: largest angle (deg) between the camera direction and the frontal one
+    max_camera_angle: float = 90.0
+    #: lookat: in-plane image rotation range (deg, clockwise on screen), [low, high]
+    inplane_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
+    #: minimum geodesic distance (deg) between anchor and negative rotations, in [0, 180]
+    delta: float = 30.0
+    #: negative rotations: ``poses`` (the anchor sampler, rejection) or ``uniform`` (Haar
+    #: measure restricted to >= delta from the anchor, sampled constructively)
+    negatives: str = "poses"
+    #: true: the negative shows the anchor's identity (hard negative); false: another identity
+    hard_negatives: bool = True
+    #: identities are drawn from [0, num_identities); at least 2 (the positive differs)
+    num_identities: int = 1000
+    #: triplets per seeded sampling block: triplet t depends only on (seed, t, sampling_block)
+    sampling_block: int = 256
+
+
+@dataclass
+class StoreConfig:
+    """How stores are laid out on disk (``triplets/SCHEMA.md``)."""
+
+    #: ``none``, ``lzf`` or ``gzip``
+    compression: str = "none"
+    #: gzip level 1-9
+    compression_level: int = 4
+    #: images per HDF5 chunk, per commit and per render call (multiple of 3 for triplet stores)
+    chunk_images: int = 96
+
+
+@dataclass
+class EncoderConfig:
+    """The backbone + projection head (``clerf.models.encoder.Encoder``)."""
+
+    #: torchvision backbone: ``resnet18``, ``resnet34`` or ``resnet50``
+    arch: str = "resnet18"
+    #: torchvision weight name (``IMAGENET1K_V1``, ``DEFAULT``; needs internet) or null = random
+    weights: str | None = None
+    #: dimension of the L2-normalised embedding
+    embedding_dim: int = 128
+    #: hidden width of the 2-layer projection MLP; 0 = a single linear layer
+    projection_hidden: int = 512
+    #: square input size (pixels) the encoder is trained and used at
+    input_size: int = 64
+    #: per-channel normalisation applied inside the encoder to images in [0, 1]
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    #: zero (after normalisation) everything outside a centred disk of this radius, as a
+    #: fraction of the image size (0 = off): hides the empty corners of rotated images
+    circle_mask: float = 0.44
+
+
+@dataclass
+class AugmentConfig:
+    """On-device augmentation (``clerf.augment``); geometric labels composed exactly.
+
+    Each stage has its own copy (``pretrain.augment``, ``finetune.augment``).
+    """
+
+    #: master switch (false = only uint8 -> float and resize)
+    enabled: bool = True
+    #: in-plane rotation angle uniform in [-inplane_deg, inplane_deg] (clockwise on screen)
+    inplane_deg: float = 180.0
+    #: probability of applying the in-plane rotation
+    p_inplane: float = 1.0
+    p_hflip: float = 0.5
+    p_vflip: float = 0.0
+    #: isotropic scale factor range (label-preserving framing jitter; >= 1 keeps the centred
+    #: disk of encoder.circle_mask covered by image content after any in-plane rotation)
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.15])
+    #: max translation as a fraction of the image size (label-preserving, small)
+    translate: float = 0.04
+    #: ``zeros``, ``border`` or ``reflection`` (reflection mirrors face parts: avoid)
+    padding: str = "zeros"
+    #: colour jitter strengths (factors sampled in [1 - s, 1 + s]; hue in [-h, h] of a turn)
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.02
+    p_grayscale: float = 0.1
+    p_blur: float = 0.2
+    #: Gaussian blur sigma range (pixels of the output image)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.2, 1.5])
+    p_noise: float = 0.2
+    #: Gaussian noise std on [0, 1] images
+    noise_std: float = 0.03
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop (``clerf.training.fit``); each stage has its own copy."""
+
+    epochs: int = 2
+    #: stop after this many optimizer steps (0 = run all epochs)
+    max_steps: int = 0
+    #: per process; for pretraining a batch of triplets (3 images each)
+    batch_size: int = 16
+    grad_accum: int = 1
+    #: ``adamw`` or ``sgd``
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    #: ``cosine``, ``linear`` or ``constant`` after warm-up
+    schedule: str = "cosine"
+    #: linear warm-up length in optimizer steps
+    warmup_steps: int = 0
+    #: the schedule decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.01
+    #: clip the gradient norm (0 = off)
+    grad_clip: float = 0.0
+    #: ``no``, ``fp16`` or ``bf16`` (accelerate)
+    mixed_precision: str = "no"
+    #: force the CPU even when an accelerator is present
+    cpu: bool = False
+    num_workers: int = 0
+    #: also checkpoint every N optimizer steps (0 = off)
+    checkpoint_every: int = 0
+    #: checkpoint at the end of every N-th epoch (0 = off; the end of training always is)
+    checkpoint_epochs: int = 1
+    #: how many checkpoints to keep (the newest)
+    keep_checkpoints: int = 2
+    #: log averaged metrics every N optimizer steps
+    log_every: int = 10
+    #: run the task's evaluation every N epochs (0 = only at the end)
+    eval_every: int = 1
+    #: tqdm progress bar on the main process
+    progress: bool = True
+    #: also log through accelerate's TensorBoard tracker when tensorboard is installed
+    tensorboard: bool = True
+    #: DDP option; needed when a task freezes parameters during training
+    find_unused_parameters: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Metric-learning loss and the pose-based pair labelling (``clerf.losses``)."""
+
+    #: ``circle`` (pytorch-metric-learning CircleLoss) or ``triplet`` (TripletMarginLoss)
+    name: str = "circle"
+    #: CircleLoss margin m and scale gamma
+    m: float = 0.25
+    gamma: float = 64.0
+    #: TripletMarginLoss margin
+    margin: float = 0.2
+    #: ``auto`` (circle: avg_nonzero, triplet: mean), ``mean`` or ``avg_nonzero``
+    reducer: str = "auto"
+    #: pairs within eps deg (geodesic, composed rotations) are positives
+    eps_deg: float = 5.0
+    #: pairs beyond delta deg are negatives; in between: ignored
+    delta_deg: float = 30.0
+    #: label every pair of the batch by pose (true), or only the triplet table's pairs (false)
+    batch_pairs: bool = True
+    #: under DDP, compare local anchors with the embeddings of all ranks
+    gather_distributed: bool = False
+    #: cap on triplets for the triplet loss (random subset; 0 = all)
+    max_triplets: int = 20000
+
+
+@dataclass
+class PretrainConfig:
+    """The contrastive stage (``clerf pretrain``)."""
+
+    #: triplet store (HDF5, ``clerf generate``) to train on
+    train_store: str = ""
+    #: store (any kind) for the nearest-neighbour pose-retrieval check; "" = skip the check
+    val_store: str = ""
+    #: number of held-out images used by the check (first ones of the store)
+    val_size: int = 512
+    #: apply a fixed, seeded geometric augmentation to the held-out images (full-range check)
+    val_augment: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class HeadBinsConfig:
+    """Uniform angle bins of a binned Euler head (``shared/CONVENTIONS.md`` section 5)."""
+
+    #: left edge of bin 0, degrees (HopeNet: -99; full range: -180)
+    start: float = -99.0
+    #: bin width, degrees
+    width: float = 3.0
+    #: number of bins (HopeNet: 66 over [-99, 99); full range: 120 over [-180, 180))
+    num_bins: int = 66
+
+
+@dataclass
+class HeadConfig:
+    """Pose head on top of the encoder (``clerf/models/heads.py``)."""
+
+    #: ``binned`` (HopeNet multi-loss Euler bins), ``rotation6d`` (6D + Gram-Schmidt), ``both``
+    type: str = "binned"
+    bins: HeadBinsConfig = field(default_factory=HeadBinsConfig)
+    #: weight of the MSE (deg^2) of the softmax expectation next to the cross-entropy (HopeNet's
+    #: best AFLW2000 result used 2; its best BIWI result used 1)
+    alpha: float = 2.0
+    #: ``auto`` (circular mean when the bins span 360 deg), ``expectation``, ``circular``
+    decode: str = "auto"
+    #: hidden width of the 6D head's MLP; 0 = a single linear layer
+    hidden: int = 256
+    #: loss weights when ``type: both``
+    binned_weight: float = 1.0
+    rotation6d_weight: float = 1.0
+    #: which head gives the predicted rotation when ``type: both``: ``auto`` (= rotation6d),
+    #: ``rotation6d``, ``binned``
+    predict_from: str = "auto"
+
+
+@dataclass
+class FinetuneConfig:
+    """The fine-tune stage (``clerf finetune``): encoder + pose head on labelled images."""
+
+    #: labelled (or triplet) HDF5 store to train on; every image is a labelled sample
+    train_store: str | None = None
+    #: held-out store for the per-epoch evaluation; null/empty = hold out ``val_fraction`` instead
+    val_store: str | None = None
+    #: fraction of ``train_store`` (its last images, a contiguous block) held out when
+    #: ``val_store`` is empty; 0 = no held-out evaluation
+    val_fraction: float = 0.0
+    #: at most this many held-out images are evaluated each epoch (0 = all)
+    val_max_images: int = 1024
+    #: encoder to start from: a pretrain output directory or a saved encoder directory;
+    #: null/empty (``finetune.encoder=`` on the command line) = a fresh encoder from the
+    #: ``encoder`` section
+    encoder: str | None = None
+    #: first epochs train the head only, on a frozen encoder (linear probe); then everything
+    probe_epochs: int = 0
+    #: encoder parameter-name prefixes frozen for the whole run (HopeNet: the stem,
+    #: ``["backbone.conv1", "backbone.bn1"]``)
+    freeze: list[str] = field(default_factory=list)
+    #: learning-rate multipliers on ``train.lr`` (HopeNet: heads at 5x)
+    encoder_lr_scale: float = 1.0
+    head_lr_scale: float = 5.0
+    #: binned heads only: labels outside the bins after augmentation are ``drop``-ped from the
+    #: loss, ``resample``-d (augmentation redrawn up to ``resample_tries`` times, then dropped), or
+    #: an ``error``; dropped and resampled samples are counted in the logs
+    out_of_range: str = "drop"
+    resample_tries: int = 3
+    #: on-device augmentation; a smaller in-plane range than pretraining by default, because the
+    #: default head (HopeNet bins) only covers [-99, 99) deg
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(inplane_deg=30.0))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class PrepareConfig:
+    """``clerf prepare``: a real dataset -> a labelled store (``clerf/data``, ``docs/data.md``)."""
+
+    #: ``300wlp``, ``aflw2000`` or ``biwi``
+    dataset: str = ""
+    #: dataset directory (300W-LP, AFLW2000) or ``.npz`` file (BIWI)
+    root: str = ""
+    #: ``train`` or ``test``; "" = the dataset's usual role (300W-LP train, others test)
+    split: str = ""
+    #: crop preset (``hopenet_train``, ``hopenet_test``, ``train_rule_k02``, ``none``);
+    #: "" = the split's preset (train: hopenet_train, test: hopenet_test; BIWI: none)
+    crop: str = ""
+    #: stored images are resolution x resolution RGB
+    resolution: int = 64
+    #: ``center`` (torchvision Resize + CenterCrop, the peers' test transform) or ``stretch``
+    resize: str = "center"
+    #: protocol filter: keep samples with all |angles| <= this (deg); null = keep all
+    max_abs_angle: float | None = 99.0
+    #: skip bad files with a counted warning instead of stopping
+    skip_bad: bool = False
+    #: image check during the scan: ``header`` (header + JPEG end marker), ``full`` (decode),
+    #: ``none``
+    verify_images: str = "header"
+    #: 300W-LP subset folders to read; empty = all eight
+    subsets: list[str] = field(default_factory=list)
+    #: BIWI .npz label signs: ``fsanet`` (300W-LP semantics) or ``mirrored``
+    biwi_signs: str = "fsanet"
+    #: BIWI .npz channel order as stored: ``bgr`` (FSA-Net's files) or ``rgb``
+    biwi_channels: str = "bgr"
+    #: images decoded in parallel by this many worker processes (0 = in this process)
+    workers: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation protocols and report (``clerf evaluate``, ``clerf.evaluation``)."""
+
+    #: any of ``standard``, ``rotated``, ``flipped``, ``full_range``
+    protocols: list[str] = field(default_factory=lambda: ["standard"])
+    #: in-plane sweep of the rotated protocol, degrees clockwise on screen
+    rotated_angles: list[float] = field(
+        default_factory=lambda: [-90.0, -60.0, -30.0, -15.0, 15.0, 30.0, 60.0, 90.0, 180.0]
+    )
+    #: samples read per step (memory only; results do not depend on it)
+    batch_size: int = 64
+    #: fixed batch shape of every model call (last chunk zero-padded)
+    model_batch: int = 32
+    #: evaluate only the first N stored samples (0 = all)
+    max_samples: int = 0
+    #: Euler MAE over samples with true |pitch|, |roll| <= this (deg); the rest are counted
+    euler_range_deg: float = 99.0
+    #: full range: N uniform SO(3) rotations rendered with this generator and seed
+    full_range_n: int = 512
+    full_range_seed: int = 0
+    full_range_generator: str = "procedural"
+    full_range_params: dict[str, Any] = field(default_factory=dict)
+    #: render size for the full range (0 = the model's input size)
+    full_range_resolution: int = 0
+    #: a stored full-range set instead of rendering (a store path; "" = render)
+    full_range_store: str = ""
+    #: write PNG figures
+    figures: bool = True
+    #: force the CPU even when an accelerator is present
+    cpu: bool = False
+
+
+@dataclass
+class PipelineConfig:
+    """``clerf pipeline``: which stages run and how the held-out set is made."""
+
+    #: stages in order; a subset skips the others (e.g. no ``pretrain``: a fresh encoder)
+    stages: list[str] = field(
+        default_factory=lambda: ["generate", "pretrain", "finetune", "evaluate"]
+    )
+    #: triplets rendered for the held-out set (3 images each)
+    test_count: int = 128
+    #: the held-out set uses ``seed + test_seed_offset``: other identities and poses
+    test_seed_offset: int = 1000
+    #: where the stores go (default ``OUT/data``); share it between runs that use the same data
+    data_dir: str = ""
+
+
+@dataclass
 class ExperimentConfig:
     """The whole experiment. Sections are filled in by the stages that read them."""
 
     name: str = "experiment"
     seed: int = 0
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    triplets: TripletsConfig = field(default_factory=TripletsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # --------------------------------------------------------------------------- loading

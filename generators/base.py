@@ -56,6 +56,26 @@ class PoseGenerator(ABC):
         return torch.ones(rotations.shape[:-2], dtype=torch.bool, device=rotations.device)
 
 
+#: the range of image sizes (pixels, square) that generators accept
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 1024
+
+
+def check_resolution(resolution: object) -> int:
+    """Return ``resolution`` as an int, or raise ``ValueError`` saying what is expected.
+
+    Accepts ints (and integral floats such as ``64.0``) in ``[MIN_RESOLUTION, MAX_RESOLUTION]``.
+    """
+    ok = isinstance(resolution, int) and not isinstance(resolution, bool)
+    if not ok and isinstance(resolution, float) and resolution.is_integer():
+        resolution, ok = int(resolution), True
+    if not ok or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:  # type: ignore[operator]
+        raise ValueError(
+            f"resolution must be an integer number of pixels in "
+            f"[{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {resolution!r}"
+        )
+    return int(resolution)  # type: ignore[arg-type]
+
+
 _REGISTRY: dict[str, type[PoseGenerator]] = {}
 
 

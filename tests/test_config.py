@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from clerf import CONVENTIONS_VERSION, __version__
 from clerf.config import load_config, provenance, save_resolved
@@ -27,7 +28,8 @@ def test_defaults_and_file_and_overrides(tmp_path):
     cfg = load_config(p, ["generator.resolution=48", "seed=7"])
     assert cfg.name == "demo" and cfg.seed == 7 and cfg.generator.resolution == 48
     assert cfg.generator.name == "procedural"  # default kept
-    with pytest.raises(Exception):  # read-only: stages cannot mutate the resolved config
+    # read-only: stages cannot mutate the resolved config
+    with pytest.raises(ReadonlyConfigError):
         cfg.seed = 1
 
 

@@ -242,7 +242,8 @@ RIGHT_EYE = torch.tensor([0.35, 0.25, 0.8], dtype=torch.float64)
 
 
 def _R(pitch=0.0, yaw=0.0, roll=0.0):
-    return g.rotation_from_euler(*(torch.tensor(v, dtype=torch.float64) for v in (pitch, yaw, roll)))
+    angles = (torch.tensor(v, dtype=torch.float64) for v in (pitch, yaw, roll))
+    return g.rotation_from_euler(*angles)
 
 
 def test_image_meaning_of_euler_angles():

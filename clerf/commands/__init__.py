@@ -5,4 +5,16 @@ The module's ``register`` adds a subparser and sets ``func=run`` where ``run(arg
 Modules import heavy dependencies inside ``run`` so ``clerf --help`` stays fast.
 """
 
-COMMANDS: list[str] = []
+COMMANDS: list[str] = [
+    "prepare",
+    "real_anchor",
+    "pretrain",
+    "generate",
+    "inspect",
+    "evaluate",
+    "predict",
+    "export",
+    "preview",
+    "finetune",
+    "pipeline",
+]

@@ -1,0 +1,69 @@
+"""``clerf predict MODEL INPUT... --out DIR``: head pose of the faces in images and videos."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers, parents) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        parents=parents,
+        help="head pose of every face in images, folders and videos",
+        description=(
+            "Find faces (OpenCV's bundled Haar cascade, or --boxes), cut the model's training "
+            "crop from each detection, predict the pose, and write OUT/predictions.json, "
+            "OUT/predictions.csv (pitch/yaw/roll in degrees and the rotation matrix per face) "
+            "and OUT/annotated/ (images as PNG, videos as MP4, head axes drawn: x red, y green, "
+            "nose blue)."
+        ),
+    )
+    p.add_argument("model", help="saved model directory (HeadPoseModel)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image/video files or folders")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--detector", default="haar",
+                   help="'haar' (default) or package.module:ClassName (a FaceDetector)")
+    p.add_argument("--boxes", help='JSON {"file": [[x, y, w, h], ...]} instead of a detector')
+    p.add_argument("--crop", help="crop preset (default: the model's; see clerf.data.crop)")
+    p.add_argument("--box-scale", type=float, nargs=2, metavar=("SX", "SY"),
+                   help="detector box -> landmark box size factors (Haar: 0.88 0.68; --boxes: "
+                   "1 1)")
+    p.add_argument("--box-shift", type=float, metavar="DY",
+                   help="detector box -> landmark box downward shift, fraction of the box "
+                   "height (Haar: 0.15; --boxes: 0)")
+    p.add_argument("--max-frames", type=int, default=0, help="videos: stop after N frames")
+    p.add_argument("--no-annotate", action="store_true", help="skip the annotated outputs")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0 ...")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from clerf.errors import UsageError
+    from clerf.inference.detect import BoxMapping, build_detector
+    from clerf.inference.model import load_pose_model
+    from clerf.inference.predict import run_predict
+
+    if args.max_frames < 0:
+        raise UsageError(f"--max-frames must be >= 0, got {args.max_frames}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    detector = build_detector(args.detector, boxes=args.boxes)
+    mapping = None
+    if args.box_scale is not None or args.box_shift is not None:
+        base = detector.box_mapping
+        sx, sy = args.box_scale if args.box_scale is not None else (base.scale_x, base.scale_y)
+        dy = args.box_shift if args.box_shift is not None else base.shift_y
+        mapping = BoxMapping(sx, sy, dy)
+    model = load_pose_model(args.model, device=device)
+    record = run_predict(model, args.inputs, args.out, detector, crop_preset=args.crop,
+                         mapping=mapping, annotate_outputs=not args.no_annotate,
+                         max_frames=args.max_frames, log=lambda m: print(m, file=sys.stderr))
+    n_in = len(record["inputs"])
+    n_none = sum(r["status"] != "ok" for r in record["inputs"])
+    print(f"predict: {len(record['faces'])} face(s) in {n_in} input(s)"
+          + (f", {n_none} without a face" if n_none else "") + f"; results in {args.out}")
+    return 0

@@ -1,0 +1,102 @@
+"""``clerf prepare DATASET ROOT --out PATH``: a real dataset -> a labelled HDF5 store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        parents=parents,
+        help="convert 300W-LP / AFLW2000 / BIWI into a labelled store (protocol crop + filter)",
+        description=(
+            "Scan a real dataset (no file lists), keep the samples whose three angles are within "
+            "+-99 deg (counts logged and stored), crop with the protocol crop, resize, and write "
+            "a labelled HDF5 store (triplets/SCHEMA.md). Resumable with --resume."
+        ),
+    )
+    p.add_argument("dataset", metavar="DATASET", help="300wlp, aflw2000 or biwi")
+    p.add_argument("root", metavar="ROOT", help="dataset directory (BIWI: the .npz file)")
+    p.add_argument("--out", required=True, metavar="PATH", help="the .h5 store to write")
+    p.add_argument("--config", metavar="YAML", default=None, help="experiment config (optional)")
+    p.add_argument("--resolution", type=int, default=None, help="stored image size (default 64)")
+    p.add_argument(
+        "--split", choices=("train", "test"), default=None,
+        help="role of the data; picks the crop preset (default: 300wlp train, others test)",
+    )
+    p.add_argument(
+        "--crop", default=None, metavar="PRESET",
+        help="crop preset: hopenet_train, hopenet_test, train_rule_k02, none",
+    )
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default 0)")
+    p.add_argument(
+        "--skip-bad", action="store_true",
+        help="skip bad files (missing .mat, unreadable image...) with a counted warning",
+    )
+    p.add_argument("--resume", action="store_true", help="continue a partial store")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="config overrides, e.g. prepare.max_abs_angle=null store.compression=lzf",
+    )
+    # key=value overrides may follow the options (shared helper of the generate command)
+    from clerf.commands._args import intermixed
+
+    intermixed(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from clerf.config import load_config
+    from clerf.data.prepare import describe, run_prepare
+    from clerf.errors import ConfigError, UsageError
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    cfg = load_config(args.config, args.overrides)
+    # Flags are merged as values (not parsed as dotted strings): paths may hold any character.
+    flags: dict[str, Any] = {"dataset": args.dataset, "root": args.root}
+    for name in ("resolution", "split", "crop", "workers"):
+        if getattr(args, name) is not None:
+            flags[name] = getattr(args, name)
+    if args.skip_bad:
+        flags["skip_bad"] = True
+    try:
+        cfg = OmegaConf.merge(cfg, {"prepare": flags})
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command-line flag: {str(exc).splitlines()[0]}") from None
+    OmegaConf.set_readonly(cfg, True)
+
+    bar = None
+
+    def on_scanned(report, todo: int) -> None:
+        nonlocal bar
+        print(report.summary(), file=sys.stderr)
+        if report.skipped_bad:  # said here too, whatever the logging configuration
+            first = "; ".join(f"{f}: {r}" for f, r in report.bad[:3])
+            more = f" (and {report.skipped_bad - 3} more)" if report.skipped_bad > 3 else ""
+            print(f"warning: skipped {report.skipped_bad} bad file(s): {first}{more}",
+                  file=sys.stderr)
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=todo, unit="img", desc="prepare", file=sys.stderr)
+
+    try:
+        result = run_prepare(
+            cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+            progress=(lambda n: bar.update(n) if bar is not None else None),
+            on_scanned=on_scanned,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    print(describe(result))
+    return 0

@@ -1,0 +1,304 @@
+"""CLERF's real-anchor triplets: a real photograph as anchor, renders at its pose as positive.
+
+For every real image ``j`` of a prepared labelled store (``clerf prepare``) with label ``R_j``:
+
+* **anchor**: the real image itself, **not copied**: the triplet store's rows ``[0, N_real)`` are
+  an HDF5 virtual dataset mapping the labelled store;
+* **positive**: the generator's render of a synthetic identity at exactly ``R_j``
+  (look-at generators such as EG3D/PanoHead reach it through
+  :func:`clerf.geometry.split_camera_inplane` inside their adapter; the rotation they report is
+  checked against ``R_j``);
+* **negative**: a render at a rotation at least ``triplets.delta`` deg from ``R_j``, drawn by the
+  triplet rules of :mod:`triplets.rules` (``negatives``: ``poses`` or ``uniform``). With
+  ``hard_negatives`` it shows the positive's identity (the render pair differs in pose only),
+  else another identity.
+
+Files: ``<out>.rendered.h5`` holds the renders (a labelled store written with
+:class:`triplets.store.StoreWriter`, so it is resumable; rows ``2j`` / ``2j + 1`` are the positive /
+negative of triplet ``j``; extra datasets ``anchor_row`` and ``role`` (1 positive, 2 negative)), and
+``<out>`` is the entry file: ``images``, ``rotations``, ``euler``, ``identities`` are virtual
+datasets (rows ``[0, N_real)`` = the labelled store, then the renders) and ``triplets[j] =
+[anchor_row_j, N_real + 2j, N_real + 2j + 1]`` (``triplet_layout = "table"``). The two source files
+are listed in the ``shards`` attribute, so :func:`triplets.store.open_store` checks that both are
+present and complete. Keep the three files in their folders (paths are stored relative).
+
+Identities: real rows keep the labelled store's ids (300W-LP face id or -1), rendered rows hold
+generator identities; the two namespaces are unrelated (attribute ``identity_namespaces``).
+Real images the generator cannot render (``reachable`` is false, e.g. EG3D beyond its yaw range)
+get no triplet; they are counted (``count_unreachable_anchors``) and logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from clerf.config import provenance, to_dict
+from clerf.errors import ConfigError, DataError
+from clerf.geometry import geodesic_distance
+
+__all__ = ["RealAnchorResult", "run_real_anchor", "rendered_path"]
+
+log = logging.getLogger("clerf.data")
+
+#: seed stream of the real-anchor plans (triplets.rules uses stream 1 for generated triplets)
+_STREAM_REAL_ANCHOR = 5
+#: a positive is accepted when the generator reports a rotation this close to the anchor's (deg)
+POSITIVE_TOLERANCE_DEG = 0.5
+_ROLE_POSITIVE, _ROLE_NEGATIVE = 1, 2
+
+
+@dataclass
+class RealAnchorResult:
+    path: Path
+    rendered: Path
+    num_triplets: int
+    unreachable: int
+
+
+def rendered_path(out: Path) -> Path:
+    return out.parent / f"{out.name}.rendered.h5"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_real_anchor(
+    cfg: DictConfig,
+    real_store: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> RealAnchorResult:
+    """Build the real-anchor triplet store ``out`` over the labelled store ``real_store``.
+
+    Uses ``cfg.seed``, ``cfg.generator`` (name, params, device; renders at the real store's
+    resolution), ``cfg.triplets`` (``delta``, ``negatives``, ``hard_negatives``,
+    ``num_identities``, ``sampling_block`` and the pose ranges for ``negatives: poses``) and
+    ``cfg.store`` (compression, chunk size, rounded up to an even number of images).
+
+    Raises:
+        DataError: missing/incomplete/foreign real store, existing output, generator failures.
+        ConfigError: impossible triplet rules.
+    """
+    from generators import build_generator
+    from triplets.poses import build_pose_sampler, seeded_generator
+    from triplets.rules import TripletRule
+    from triplets.store import ExtraSpec, StoreWriter, open_store, store_state
+
+    out = Path(out)
+    real = open_store(real_store)
+    if real.kind != "labelled":
+        raise DataError(f"{real.path}: real anchors come from a labelled store, not {real.kind}")
+    state = store_state(out)
+    if state == "complete" and not overwrite:
+        raise DataError(f"{out} already exists and is complete; use --overwrite to replace it")
+    if state not in ("missing", "complete") and not overwrite:
+        raise DataError(f"{out} exists but is not a usable store ({state}); use --overwrite")
+    if overwrite:
+        out.unlink(missing_ok=True)
+
+    t = cfg.triplets
+    try:
+        poses = build_pose_sampler(t)
+        rule = TripletRule(float(t.delta), str(t.negatives), bool(t.hard_negatives),
+                           int(t.num_identities))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    block = int(t.sampling_block)
+    if block <= 0 or cfg.seed < 0:
+        raise ConfigError("triplets.sampling_block must be positive and seed non-negative")
+
+    g = cfg.generator
+    try:
+        gen = build_generator(g.name, seed=int(cfg.seed), device=_device(g.device),
+                              **to_dict(cfg)["generator"]["params"])
+    except ValueError as exc:
+        raise ConfigError(f"generator: {exc}") from exc
+    res = real.resolution
+
+    R_real = torch.from_numpy(real.file["rotations"][:].astype(np.float64))
+    n_real = len(R_real)
+    reach = gen.reachable(R_real.to(torch.float32).to(gen.device)).to(torch.bool).cpu()
+    anchor_rows = torch.nonzero(reach).flatten()
+    unreachable = n_real - len(anchor_rows)
+    if unreachable:
+        log.warning("%d of %d real images are outside what generator '%s' can render: no "
+                    "triplet for them", unreachable, n_real, g.name)
+    if len(anchor_rows) == 0:
+        raise DataError(f"{real.path}: the generator '{g.name}' can render none of the poses")
+    n_t = len(anchor_rows)
+    R_anchor = R_real[anchor_rows]
+
+    chunk = int(cfg.store.chunk_images)
+    chunk += chunk % 2  # a positive and its negative never straddle two chunks
+    fingerprint = {
+        "seed": int(cfg.seed),
+        "generator": {"name": g.name, "params": to_dict(cfg)["generator"]["params"]},
+        "triplets": {k: to_dict(cfg)["triplets"][k] for k in (
+            "delta", "negatives", "hard_negatives", "num_identities", "sampling_block", "poses",
+            "pitch_range", "yaw_range", "roll_range", "max_camera_angle", "inplane_range")},
+        "real_store": str(real.attrs.get("fingerprint", "")),
+        "anchors": hashlib.blake2b(
+            R_anchor.numpy().tobytes() + anchor_rows.numpy().tobytes(), digest_size=16
+        ).hexdigest(),
+        "resolution": res,
+    }
+    prov = {k: v for k, v in provenance(cfg).items()
+            if k not in ("clerf_version", "conventions_version")}
+    attrs = {**prov, "stage": "real_anchor", "generator": {"name": g.name, "params": gen.params()},
+             "real_store": os.path.relpath(real.path, out.parent)}
+    rp = rendered_path(out)
+    extra = {"anchor_row": ExtraSpec((), np.int64), "role": ExtraSpec((), np.uint8)}
+    if store_state(rp) == "complete" and not overwrite:
+        # renders finished in an earlier run that stopped before the entry file: reuse them
+        import h5py
+
+        want = json.dumps(fingerprint, sort_keys=True, default=str)
+        with h5py.File(rp, "r") as f:
+            same = f.attrs.get("fingerprint") == want
+        if not same:
+            raise DataError(f"{rp} exists from another configuration; use --overwrite")
+        writer = None
+    else:
+        writer = StoreWriter(
+            rp, "labelled", res, 2 * n_t, attrs=attrs, compression=cfg.store.compression,
+            compression_level=cfg.store.compression_level, chunk=chunk, extra=extra,
+            fingerprint=fingerprint, resume=resume, overwrite=overwrite,
+        )  # fmt: skip
+    cache: dict[int, Any] = {}
+
+    def plan_block(b: int):
+        if b not in cache:
+            cache.clear()
+            a, z = b * block, min((b + 1) * block, n_t)
+            try:
+                cache[b] = rule.complete(
+                    R_anchor[a:z], poses, seeded_generator(int(cfg.seed), _STREAM_REAL_ANCHOR, b),
+                    start=a, accept=gen.reachable,
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        return cache[b]
+
+    def render_chunks() -> None:
+        assert writer is not None
+        for start, stop in writer.pending():
+            t0, t1 = start // 2, stop // 2
+            parts = []
+            for b in range(t0 // block, -(-t1 // block)):
+                a = max(t0, b * block) - b * block
+                z = min(t1, (b + 1) * block) - b * block
+                parts.append(plan_block(b).slice(a, z))
+            pos_ids = torch.cat([p.anchor_ids for p in parts])
+            neg_ids = torch.cat([p.negative_ids for p in parts])
+            R_pos = torch.cat([p.anchor_rotations for p in parts])
+            R_neg = torch.cat([p.negative_rotations for p in parts])
+            ids = torch.stack([pos_ids, neg_ids], 1).reshape(-1)
+            rots = torch.stack([R_pos, R_neg], 1).reshape(-1, 3, 3).to(torch.float32)
+            try:
+                rendered = gen.render(ids.to(gen.device), rots.to(gen.device), res)
+            except ValueError as exc:
+                raise DataError(f"generator '{g.name}' failed: {exc}") from exc
+            got = rendered.rotations.detach().cpu().to(torch.float64)
+            err = geodesic_distance(got[0::2], R_pos)
+            if float(err.max()) > POSITIVE_TOLERANCE_DEG:
+                j = int(err.argmax()) + t0
+                raise DataError(
+                    f"generator '{g.name}' rendered the positive of triplet {j} "
+                    f"{float(err.max()):.2f} deg away from its real anchor's rotation "
+                    f"(tolerance {POSITIVE_TOLERANCE_DEG} deg)"
+                )
+            rows = anchor_rows[t0:t1].repeat_interleave(2)
+            roles = np.tile(np.array([_ROLE_POSITIVE, _ROLE_NEGATIVE], np.uint8), t1 - t0)
+            writer.write_chunk(start, rendered.images.cpu(), got, ids,
+                               extra={"anchor_row": rows.numpy(), "role": roles})
+            if progress is not None:
+                progress(t1 - t0)
+        writer.finalize()
+
+    if writer is not None:
+        with writer:
+            render_chunks()
+
+    table = np.stack([anchor_rows.numpy(),
+                      n_real + 2 * np.arange(n_t), n_real + 2 * np.arange(n_t) + 1], 1)
+    _write_entry(out, real.path, rp, n_real, 2 * n_t, res, chunk, table, {
+        **prov,
+        "stage": "real_anchor",
+        "generator": json.dumps({"name": g.name, "params": gen.params()}, sort_keys=True),
+        "triplet_rule": json.dumps(rule.params(), sort_keys=True),
+        "real_store": os.path.relpath(real.path, out.parent),
+        "rendered_store": os.path.relpath(rp, out.parent),
+        "count_unreachable_anchors": int(unreachable),
+        "identity_namespaces": "rows < num_real: labelled store ids; others: generator ids",
+        "num_real": int(n_real),
+        "source_dataset": str(real.attrs.get("source_dataset", "")),
+    })
+    return RealAnchorResult(out, rp, n_t, int(unreachable))
+
+
+def _write_entry(
+    out: Path, real: Path, rendered: Path, n_real: int, n_rendered: int, res: int, chunk: int,
+    table: np.ndarray, attrs: dict[str, Any],
+) -> None:
+    """The entry file: virtual datasets over (real store rows, rendered rows) + triplet table.
+
+    A minimal sibling of ``triplets.store.write_entry_file`` (which tiles shards written by one
+    run and sets an interleaved layout); built in a temporary file and renamed into place.
+    """
+    import h5py
+
+    from clerf import CONVENTIONS_VERSION, __version__
+    from triplets.store import SCHEMA_NAME, SCHEMA_VERSION
+
+    n = n_real + n_rendered
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".creating", dir=out.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f, h5py.File(real) as fr, h5py.File(rendered) as fx:
+            for name in ("images", "rotations", "euler", "identities"):
+                a, b = fr[name], fx[name]
+                layout = h5py.VirtualLayout(shape=(n, *a.shape[1:]), dtype=a.dtype)
+                layout[:n_real] = h5py.VirtualSource(
+                    os.path.relpath(real, out.parent), name, shape=a.shape)
+                layout[n_real:] = h5py.VirtualSource(
+                    os.path.relpath(rendered, out.parent), name, shape=b.shape)
+                f.create_virtual_dataset(name, layout)
+            f["euler"].attrs["order"] = "pitch,yaw,roll"
+            f["euler"].attrs["units"] = "deg"
+            f.create_dataset("triplets", data=table.astype(np.int64))
+            f["triplets"].attrs["columns"] = "anchor,positive,negative"
+            meta = {
+                "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "kind": "triplets",
+                "resolution": int(res), "num_images": int(n), "num_triplets": len(table),
+                "triplet_layout": "table", "chunk_images": int(chunk),
+                "num_chunks": -(-n // chunk), "compression": str(fx.attrs["compression"]),
+                "euler_order": "pitch,yaw,roll", "angle_units": "deg",
+                "conventions_version": CONVENTIONS_VERSION, "clerf_version": __version__,
+                "anchor_source": "", "extra_datasets": "{}", "num_shards": 2,
+                "shards": json.dumps([os.path.relpath(real, out.parent),
+                                      os.path.relpath(rendered, out.parent)]),
+            }  # fmt: skip
+            for k, v in {**attrs, **meta}.items():
+                f.attrs[k] = v if isinstance(v, bool | int | float | str) else json.dumps(v)
+            f.attrs["complete"] = True
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,249 @@
+"""Aggregation of per-sample pose errors into report figures (``shared/CONVENTIONS.md`` 7).
+
+The per-sample metrics themselves live in :mod:`clerf.geometry` (geodesic error, MAEV, axis
+errors, Euler errors wrapped by 360 only); this module turns them into summaries:
+
+* geodesic error: mean, median, 90th percentile (linear interpolation, as ``numpy.percentile``);
+* MAEV: mean over samples of the mean angle between predicted and true head axes;
+* per-axis Euler MAE (yaw, pitch, roll) and their mean, **only where Euler angles are meaningful**;
+* the share of samples whose geodesic error is below 5, 10 and 15 deg.
+
+Euler angles are always derived from the rotation matrices with
+:func:`clerf.geometry.euler_from_rotation` (one route for predictions and labels), so yaw lies in
+[-90, 90] and the same rotation never appears with two different angle triples. They are
+*meaningful* for a sample when its true pitch and roll lie within ``+-euler_range`` (99 deg, the
+benchmark filter of CONVENTIONS section 6) and its true ``|yaw|`` is at most ``max_yaw`` (default
+90: everything). Beyond that the decomposition flips pitch and roll by 180 deg or becomes
+singular (gimbal lock at ``|yaw| = 90``), and a per-axis MAE measures the parametrisation rather
+than the model. When every sample is in range the Euler MAE is over all samples; when some are
+not it is computed over the in-range subset and the summary says how many (``euler.n``); when
+none are (full range, large in-plane rotations) it is ``None`` and the summary says why.
+
+Per-sample errors are computed in float64 after sorting the records by sample index, and means are
+exactly rounded sums (:func:`math.fsum`): the same records in any order give the same bits. (The
+same rotations under *other* indices agree to about 1e-13 deg: vectorised ``atan2`` rounds the
+last bit differently depending on an element's position in the array.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clerf.geometry import axis_errors, euler_abs_error, euler_from_rotation, geodesic_error
+
+__all__ = [
+    "THRESHOLDS_DEG",
+    "EULER_RANGE_DEG",
+    "SampleErrors",
+    "compute_errors",
+    "summarize",
+    "merge",
+    "euler_in_range",
+    "binned_error",
+    "cumulative_curve",
+]
+
+#: geodesic-error thresholds (deg) for the "share of samples under" figures
+THRESHOLDS_DEG: tuple[float, ...] = (5.0, 10.0, 15.0)
+#: the benchmark's Euler filter (CONVENTIONS section 6): |angles| <= 99 deg
+EULER_RANGE_DEG = 99.0
+
+#: Euler axes as reported (the peers' tables: yaw, pitch, roll)
+_AXES = ("yaw", "pitch", "roll")
+
+
+@dataclass(frozen=True)
+class SampleErrors:
+    """Per-sample errors of one model on one protocol view, sorted by ``index``.
+
+    All arrays are float64 numpy with ``N`` rows, degrees.
+
+    Attributes:
+        index: ``(N,)`` int64 sample ids (unique).
+        geodesic: ``(N,)`` geodesic error.
+        axis: ``(N, 3)`` angle error of the head's right, up and nose axes (rows of ``R``).
+        maev: ``(N,)`` mean of ``axis`` over the three axes.
+        euler_true: ``(N, 3)`` true Euler angles ``(yaw, pitch, roll)``.
+        euler_pred: ``(N, 3)`` predicted Euler angles ``(yaw, pitch, roll)``.
+        euler_err: ``(N, 3)`` absolute Euler errors ``(yaw, pitch, roll)``, wrapped by 360 only.
+    """
+
+    index: np.ndarray
+    geodesic: np.ndarray
+    axis: np.ndarray
+    maev: np.ndarray
+    euler_true: np.ndarray
+    euler_pred: np.ndarray
+    euler_err: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def select(self, mask: np.ndarray) -> SampleErrors:
+        """The samples where ``mask`` (``(N,)`` bool) is true."""
+        return SampleErrors(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
+
+
+def _euler_ypr(R: Tensor) -> Tensor:
+    e = euler_from_rotation(R)
+    return torch.stack([e.yaw, e.pitch, e.roll], dim=-1)
+
+
+def compute_errors(index: Tensor | np.ndarray, R_pred: Tensor, R_true: Tensor) -> SampleErrors:
+    """Per-sample errors of predictions against labels, sorted by ``index``.
+
+    Args:
+        index: ``(N,)`` unique integer sample ids.
+        R_pred, R_true: ``(N, 3, 3)`` rotation matrices (any float dtype; computed in float64).
+
+    Raises:
+        ValueError: mismatched shapes or duplicate indices (a padded batch that was not
+            de-duplicated would otherwise be counted twice).
+    """
+    idx = torch.as_tensor(np.asarray(index), dtype=torch.int64).reshape(-1)
+    if R_pred.shape != R_true.shape or R_pred.shape[-2:] != (3, 3) or R_pred.ndim != 3:
+        raise ValueError(
+            f"compute_errors: expected two (N, 3, 3) tensors, got {tuple(R_pred.shape)} and "
+            f"{tuple(R_true.shape)}"
+        )
+    if idx.shape[0] != R_pred.shape[0]:
+        raise ValueError(f"compute_errors: {idx.shape[0]} indices for {R_pred.shape[0]} samples")
+    order = torch.argsort(idx)
+    idx = idx[order]
+    if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
+        raise ValueError("compute_errors: duplicate sample indices")
+    Rp = R_pred.detach().to("cpu", torch.float64)[order]
+    Rt = R_true.detach().to("cpu", torch.float64)[order]
+    ax = axis_errors(Rp, Rt)
+    et, ep = _euler_ypr(Rt), _euler_ypr(Rp)
+    return SampleErrors(
+        index=idx.numpy(),
+        geodesic=geodesic_error(Rp, Rt).numpy(),
+        axis=ax.numpy(),
+        maev=ax.mean(-1).numpy(),
+        euler_true=et.numpy(),
+        euler_pred=ep.numpy(),
+        euler_err=euler_abs_error(ep, et).numpy(),
+    )
+
+
+def merge(parts: Sequence[SampleErrors], offsets: Sequence[int] | None = None) -> SampleErrors:
+    """Concatenate several views' errors into one set (pooled protocol summaries).
+
+    ``offsets`` (one per part) are added to the indices so that the pooled indices stay unique
+    (e.g. ``view_number * N``); the result is sorted by the new index.
+    """
+    if not parts:
+        raise ValueError("merge: nothing to merge")
+    offs = list(offsets) if offsets is not None else [0] * len(parts)
+    fields = list(SampleErrors.__dataclass_fields__)
+    cat = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
+    cat["index"] = np.concatenate([p.index + o for p, o in zip(parts, offs, strict=True)])
+    order = np.argsort(cat["index"], kind="stable")
+    if len(order) > 1 and (np.diff(cat["index"][order]) == 0).any():
+        raise ValueError("merge: pooled indices are not unique; give distinct offsets")
+    return SampleErrors(**{f: v[order] for f, v in cat.items()})
+
+
+def _mean(x: np.ndarray) -> float:
+    """Exactly rounded mean: the same bits in any order (``numpy.mean`` is order-dependent)."""
+    return math.fsum(x.tolist()) / x.size
+
+
+def euler_in_range(
+    errors: SampleErrors, euler_range: float = EULER_RANGE_DEG, max_yaw: float = 90.0
+) -> np.ndarray:
+    """Boolean ``(N,)``: samples whose true Euler angles are meaningful (module docstring)."""
+    yaw, pitch, roll = errors.euler_true.T
+    return (np.abs(pitch) <= euler_range) & (np.abs(roll) <= euler_range) & (np.abs(yaw) <= max_yaw)
+
+
+def summarize(
+    errors: SampleErrors,
+    euler: bool = True,
+    euler_range: float = EULER_RANGE_DEG,
+    max_yaw: float = 90.0,
+    thresholds: Sequence[float] = THRESHOLDS_DEG,
+) -> dict[str, Any]:
+    """Report figures of one set of per-sample errors (degrees; shares in [0, 1]).
+
+    Args:
+        errors: from :func:`compute_errors` (or :func:`merge`).
+        euler: report Euler MAE at all (``False`` for full-range protocols).
+        euler_range, max_yaw: the Euler-meaningful box (module docstring).
+        thresholds: geodesic thresholds for the ``under`` shares.
+
+    Returns:
+        ``{"n", "geodesic": {"mean", "median", "p90"}, "maev", "under": {"5": share, ...},
+        "euler": {"yaw", "pitch", "roll", "mean", "n", "note"} or {"n": 0, "note"}}``.
+    """
+    n = len(errors)
+    if n == 0:
+        raise ValueError("summarize: no samples")
+    g = errors.geodesic
+    out: dict[str, Any] = {
+        "n": n,
+        "geodesic": {
+            "mean": _mean(g),
+            "median": float(np.median(g)),
+            "p90": float(np.percentile(g, 90.0)),
+        },
+        "maev": _mean(errors.maev),
+        "under": {f"{t:g}": int(np.count_nonzero(g < t)) / n for t in thresholds},
+    }
+    if not euler:
+        out["euler"] = {"n": 0, "note": "not reported: Euler angles are ill-defined over this "
+                        "range (full rotation group); see geodesic error and MAEV"}
+        return out
+    keep = euler_in_range(errors, euler_range, max_yaw)
+    k = int(keep.sum())
+    box = f"|pitch|, |roll| <= {euler_range:g} deg" + (
+        f", |yaw| <= {max_yaw:g} deg" if max_yaw < 90.0 else ""
+    )
+    if k == 0:
+        out["euler"] = {"n": 0, "note": f"not reported: no sample has true {box}"}
+        return out
+    e = errors.euler_err[keep]
+    mae = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
+    mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+    note = "all samples" if k == n else f"over the {k} of {n} samples with true {box}"
+    out["euler"] = {**mae, "n": k, "note": note}
+    return out
+
+
+def binned_error(
+    x: np.ndarray, err: np.ndarray, edges: np.ndarray, stat: str = "median"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Error statistic per bin of ``x`` (for "error vs yaw" figures).
+
+    Returns ``(centres, values, counts)``; empty bins give NaN. ``stat``: ``median`` or ``mean``.
+    """
+    if stat not in ("median", "mean"):
+        raise ValueError(f"binned_error: stat must be 'median' or 'mean', got {stat!r}")
+    which = np.digitize(x, edges) - 1
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    values = np.full(len(centres), np.nan)
+    counts = np.zeros(len(centres), dtype=np.int64)
+    fn = np.median if stat == "median" else np.mean
+    for b in range(len(centres)):
+        sel = err[which == b]
+        counts[b] = sel.size
+        if sel.size:
+            values[b] = fn(sel)
+    return centres, values, counts
+
+
+def cumulative_curve(err: np.ndarray, max_deg: float = 180.0, steps: int = 361) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """Share of samples with error <= t for ``t`` in ``linspace(0, max_deg, steps)``."""
+    t = np.linspace(0.0, max_deg, steps)
+    s = np.sort(err)
+    return t, np.searchsorted(s, t, side="right") / max(len(s), 1)

@@ -1,0 +1,249 @@
+"""Writing an evaluation report: ``report.json``, ``report.md``, per-sample CSVs, PNG figures.
+
+Figures are drawn with matplotlib's object-oriented API on an Agg canvas created locally
+(``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): no ``pyplot`` and never
+``matplotlib.use``, so importing or running this never changes the user's backend.
+
+Files (``OUT/``):
+
+* ``report.json``: everything (per model, protocol and view: the summaries of
+  :func:`clerf.evaluation.metrics.summarize`), plus the options and the provenance under ``run``.
+* ``report.md``: one Markdown table per protocol (all models), with the Euler notes.
+* ``samples_<model>.csv``: one row per model x protocol x view x sample (index, errors, true
+  and predicted Euler angles) to recompute any figure.
+* ``error_vs_euler.png``: median geodesic error against the true yaw, pitch and roll (standard
+  protocol, or the first one reported).
+* ``error_vs_inplane.png`` (rotated protocol): mean and median geodesic error against the
+  in-plane angle; angle 0 is the standard protocol when it was run.
+* ``cumulative_error.png``: share of samples under each geodesic error, per protocol (pooled).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clerf.evaluation.metrics import SampleErrors, binned_error, cumulative_curve, merge
+
+__all__ = ["write_report", "markdown_report", "write_figures", "write_samples_csv"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Write then rename: an interrupted run never leaves a half-written report behind.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: one table per protocol, rows = model x view."""
+    lines = ["# clerf evaluation report", ""]
+    data = report.get("data")
+    if data:
+        lines += [f"Data: `{data.get('path', data.get('kind'))}` ({data['n']} samples).", ""]
+    lines += ["All errors in degrees. Geodesic = angle of R_pred^T R_true; MAEV = mean angle "
+              "between predicted and true head axes; <t = share of samples with geodesic error "
+              "below t deg. Euler MAE: differences wrapped by 360 only (never 180), angles from "
+              "the rotation matrices (yaw in [-90, 90]).", ""]
+    thresholds = None
+    for p in report["protocols"]:
+        lines += [f"## {p}", ""]
+        if p == "rotated":
+            angles = ", ".join(f"{a:+g}" for a in report["options"]["rotated_angles"])
+            lines += [f"In-plane angles (deg, clockwise on screen): {angles}; labels composed "
+                      "exactly as R @ Rz(angle).", ""]
+        if p == "full_range":
+            fr = report.get("full_range_data") or []
+            if fr:
+                d = fr[0]
+                desc = (f"generator `{d['generator']}`, seed {d['seed']}, {d['n']} rotations "
+                        "uniform over SO(3)" if d.get("kind") == "generator"
+                        else f"store `{d.get('path')}`")
+                lines += [f"Full range: {desc}. Euler MAE is not reported.", ""]
+        first = report["models"][0]["results"][p]["pooled"]
+        thresholds = list(first["under"])
+        head = (["model", "view", "N", "geo mean", "geo median", "geo p90", "MAEV"]
+                + [f"<{t}" for t in thresholds]
+                + ["yaw", "pitch", "roll", "Euler mean", "Euler N"])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        notes: list[str] = []
+        for m in report["models"]:
+            res = m["results"][p]
+            rows = list(res["views"].items())
+            if len(rows) > 1:
+                rows.append(("pooled", res["pooled"]))
+            for view, s in rows:
+                e = s["euler"]
+                cells = [m["name"], view, str(s["n"]), _fmt(s["geodesic"]["mean"]),
+                         _fmt(s["geodesic"]["median"]), _fmt(s["geodesic"]["p90"]),
+                         _fmt(s["maev"])]
+                cells += [f"{100 * s['under'][t]:.1f}%" for t in thresholds]
+                cells += [_fmt(e.get("yaw")), _fmt(e.get("pitch")), _fmt(e.get("roll")),
+                          _fmt(e.get("mean")), str(e["n"])]
+                lines.append("| " + " | ".join(cells) + " |")
+                if e["note"] != "all samples":
+                    notes.append(f"{m['name']} / {view}: Euler {e['note']}")
+        lines.append("")
+        if notes:
+            lines += [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    run = report.get("run", {})
+    lines += [f"clerf {run.get('clerf_version', '?')}, conventions "
+              f"{run.get('conventions_version', '?')}, {run.get('world_size', 1)} process(es), "
+              f"device {run.get('device', '?')}.", ""]
+    return "\n".join(lines)
+
+
+def write_samples_csv(path: Path, per_protocol: dict[str, dict[str, SampleErrors]]) -> None:
+    """One row per protocol x view x sample."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["protocol", "view", "index", "geodesic", "maev", "err_right", "err_up",
+                    "err_nose", "yaw_err", "pitch_err", "roll_err", "yaw_true", "pitch_true",
+                    "roll_true", "yaw_pred", "pitch_pred", "roll_pred"])
+        for p, views in per_protocol.items():
+            for v, e in views.items():
+                for i in range(len(e)):
+                    w.writerow([p, v, int(e.index[i]), *(f"{x:.6f}" for x in (
+                        e.geodesic[i], e.maev[i], *e.axis[i], *e.euler_err[i], *e.euler_true[i],
+                        *e.euler_pred[i]))])
+    os.replace(tmp, path)
+
+
+def _canvas(nrows: int, ncols: int, size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def write_figures(
+    report: dict[str, Any], samples: dict[str, dict[str, dict[str, SampleErrors]]], out: Path
+) -> list[Path]:
+    """The PNG figures (module docstring); returns the paths written."""
+    written: list[Path] = []
+    protocols = report["protocols"]
+    models = [m["name"] for m in report["models"]]
+
+    # Error vs the true Euler angles, on the first protocol where Euler angles are meaningful.
+    base = next((p for p in ("standard", "flipped", "rotated") if p in protocols), None)
+    if base is not None:
+        fig, axes = _canvas(1, 3, (13, 3.8))
+        limits = {"yaw": 90.0, "pitch": 180.0, "roll": 180.0}
+        for j, axis in enumerate(("yaw", "pitch", "roll")):
+            ax = axes[0, j]
+            for name in models:
+                views = samples[name][base]
+                e = merge(list(views.values()),
+                          offsets=[i * (1 + max(int(v.index.max()) for v in views.values()))
+                                   for i in range(len(views))])
+                x = e.euler_true[:, j]
+                lim = max(limits[axis] if axis != "yaw" else 90.0, float(np.abs(x).max()))
+                lim = min(180.0, math.ceil(lim / 10.0) * 10.0)
+                edges = np.linspace(-lim, lim, 19)
+                c, v, _ = binned_error(x, e.geodesic, edges, "median")
+                ax.plot(c, v, marker="o", ms=3, label=name)
+            ax.set_xlabel(f"true {axis} (deg)")
+            ax.set_ylabel("median geodesic error (deg)")
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=8)
+        fig.suptitle(f"Error vs true Euler angles ({base} protocol)")
+        path = out / "error_vs_euler.png"
+        _save(fig, path)
+        written.append(path)
+
+    if "rotated" in protocols:
+        fig, axes = _canvas(1, 1, (7, 4))
+        ax = axes[0, 0]
+        for m in report["models"]:
+            res = m["results"]["rotated"]
+            pts = [(res["view_params"][v]["angle"], s["geodesic"]["mean"], s["geodesic"]["median"])
+                   for v, s in res["views"].items()]
+            if "standard" in m["results"]:
+                s = m["results"]["standard"]["pooled"]
+                pts.append((0.0, s["geodesic"]["mean"], s["geodesic"]["median"]))
+            # 180 and -180 are the same rotation: show it at both ends of the axis.
+            pts += [(-180.0, a, b) for ang, a, b in pts if ang == 180.0]
+            pts.sort()
+            xs, mean, med = (np.array(t) for t in zip(*pts, strict=True))
+            line = ax.plot(xs, mean, marker="o", label=f"{m['name']} mean")[0]
+            ax.plot(xs, med, marker="x", ls="--", color=line.get_color(),
+                    label=f"{m['name']} median")
+        ax.set_xlabel("in-plane rotation of the image (deg, clockwise on screen)")
+        ax.set_ylabel("geodesic error (deg)")
+        ax.set_xticks(np.arange(-180, 181, 45))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out / "error_vs_inplane.png"
+        _save(fig, path)
+        written.append(path)
+
+    fig, axes = _canvas(1, len(protocols), (4.2 * len(protocols), 3.8))
+    for j, p in enumerate(protocols):
+        ax = axes[0, j]
+        for name in models:
+            views = samples[name][p]
+            g = np.concatenate([v.geodesic for v in views.values()])
+            t, share = cumulative_curve(g, max_deg=180.0, steps=721)
+            ax.plot(t, share, label=name)
+        ax.set_xscale("symlog", linthresh=10.0)
+        ax.set_xlim(0, 180)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("geodesic error (deg)")
+        ax.set_ylabel("share of samples")
+        ax.set_title(p)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    path = out / "cumulative_error.png"
+    _save(fig, path)
+    written.append(path)
+    return written
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_report(
+    report: dict[str, Any],
+    samples: dict[str, dict[str, dict[str, SampleErrors]]],
+    out: str | Path,
+    figures: bool = True,
+) -> dict[str, Path]:
+    """Write every report file into ``out``; returns ``{kind: path}``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, per_protocol in samples.items():
+        p = out / f"samples_{_safe(name)}.csv"
+        write_samples_csv(p, per_protocol)
+        paths[f"samples:{name}"] = p
+    if figures:
+        for p in write_figures(report, samples, out):
+            paths[p.stem] = p
+    paths["markdown"] = out / "report.md"
+    _atomic_write(paths["markdown"], markdown_report(report))
+    paths["json"] = out / "report.json"
+    _atomic_write(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
+    return paths

@@ -1,0 +1,472 @@
+"""The fine-tune stage: encoder + pose head trained on labelled images -> ``HeadPoseModel``.
+
+``run_finetune(cfg, out)`` plugs :class:`FinetuneTask` into the shared training loop
+(:func:`clerf.training.fit`: accelerate, checkpoints, automatic resume, logs, progress, mixed
+precision) and writes:
+
+* ``OUT/model/``: the :class:`~clerf.models.pose_model.HeadPoseModel` (``config.json`` +
+  ``model.safetensors``), loadable with ``HeadPoseModel.from_pretrained(OUT)``;
+* ``OUT/checkpoints/`` (full training state), ``OUT/metrics.jsonl``, ``OUT/config.yaml``,
+  ``OUT/provenance.json``, ``OUT/summary.json`` (from the loop).
+
+Configuration: the ``head`` section (which head), ``finetune`` (data, encoder source,
+freezing, learning-rate scales, out-of-range policy, ``finetune.augment``, ``finetune.train``)
+and ``encoder`` (only for a fresh encoder; a pretrained one brings its own config).
+
+Each step, on the device: a batch of uint8 images and rotations from the store; a geometric
+augmentation is drawn (:meth:`clerf.augment.PoseAugment.sample_geometric`) and the labels are
+composed exactly (:func:`clerf.augment.compose_rotation`). For binned heads, samples whose
+composed label falls outside the bins are handled by ``finetune.out_of_range``:
+
+* ``drop``: they are excluded from the loss;
+* ``resample``: their geometric transform is redrawn up to ``resample_tries`` times, and those
+  still outside are dropped;
+* ``error``: the step fails with a one-line error naming the count and a value.
+
+Every image still goes through the network (so batch statistics and the DDP graph do not depend on
+the labels); only the loss skips dropped samples, and out-of-range labels never reach
+``cross_entropy``. The counts are logged every step (``out_of_range``: labels outside the bins
+before any redraw, ``dropped``: excluded from the loss) and totalled in the model's training
+summary.
+
+Freezing: ``finetune.freeze`` lists encoder parameter prefixes frozen for the whole run (HopeNet
+freezes the stem: ``backbone.conv1``, ``backbone.bn1``); the first ``finetune.probe_epochs`` train
+the head alone on a frozen encoder (BatchNorm statistics fixed), then everything trains.
+Learning rates: ``finetune.train.lr`` times ``encoder_lr_scale`` for the encoder and
+``head_lr_scale`` for the head (HopeNet: heads at 5x).
+
+Evaluation (each ``eval_every`` epochs, main process): the held-out images (``val_store``, or the
+last ``val_fraction`` of the training store) without augmentation; mean and median geodesic error,
+MAEV, Euler MAE (via :mod:`clerf.evaluation.metrics`) and ``chance_geodesic_deg``, the mean
+geodesic distance between held-out labels (the error of guessing another sample's pose).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
+from clerf.errors import ConfigError, DataError
+from clerf.geometry import geodesic_distance
+from clerf.models.encoder import ENCODER_KIND, Encoder, EncoderSpec, build_encoder
+from clerf.models.heads import HEAD_TYPES, build_head
+from clerf.models.pose_model import HeadPoseModel
+from clerf.training import StepContext, Task, fit
+
+__all__ = [
+    "FinetuneTask",
+    "run_finetune",
+    "OUT_OF_RANGE_POLICIES",
+    "InMemoryLabelled",
+    "evaluate_rotations",
+    "chance_geodesic",
+]
+
+OUT_OF_RANGE_POLICIES = ("drop", "resample", "error")
+
+
+# --------------------------------------------------------------------------- data helpers
+
+
+class InMemoryLabelled:
+    """Labelled images held in tensors, with the reader interface of
+    ``triplets.store.LabelledDataset`` (``len``, ``block_size``, ``read_batch``).
+
+    ``images`` ``(N, 3, H, W)`` uint8, ``rotations`` ``(N, 3, 3)``.
+    """
+
+    block_size = 32
+
+    def __init__(self, images: Tensor, rotations: Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images (N, 3, H, W), got {tuple(images.shape)} "
+                             f"{images.dtype}")  # fmt: skip
+        if rotations.shape != (images.shape[0], 3, 3):
+            raise ValueError(f"expected rotations ({images.shape[0]}, 3, 3), got "
+                             f"{tuple(rotations.shape)}")  # fmt: skip
+        self.images, self.rotations = images, rotations.float()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def read_batch(self, indices) -> dict[str, Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return {"images": self.images[idx], "rotations": self.rotations[idx], "index": idx}
+
+
+class _Prefix:
+    """The first ``n`` items of a labelled dataset (the rest is held out)."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset, self.n = dataset, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def block_size(self) -> int:
+        return self.dataset.block_size
+
+    def read_batch(self, indices) -> dict[str, Tensor]:
+        return self.dataset.read_batch(indices)
+
+
+def _open_labelled(path: str | None, key: str):
+    from triplets.store import LabelledDataset
+
+    if not path:
+        raise ConfigError(f"{key}: no store given (set {key}=PATH to a store from clerf prepare "
+                          "or clerf generate)")  # fmt: skip
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{key}: store not found: {p}")
+    return LabelledDataset(p)
+
+
+def _store_info(dataset: Any) -> dict[str, Any]:
+    """What the model should remember about its training data (crop protocol, source)."""
+    store = getattr(dataset, "store", None) or getattr(getattr(dataset, "dataset", None),
+                                                      "store", None)  # fmt: skip
+    if store is None:
+        return {"source": "in-memory tensors"}
+    info: dict[str, Any] = {"path": str(store.path), "kind": store.kind,
+                            "resolution": store.resolution, "num_images": store.num_images}
+    for key in ("stage", "dataset", "split", "crop_preset", "resize", "generator"):
+        if key in store.attrs:
+            v = store.attrs[key]
+            v = v.decode() if isinstance(v, bytes) else v
+            if isinstance(v, str) and v[:1] in "{[":
+                try:  # stores keep structured attributes as JSON text
+                    v = json.loads(v)
+                except ValueError:
+                    pass
+            info[key] = v if isinstance(v, (str, int, float, bool, dict, list)) else str(v)
+    return info
+
+
+# --------------------------------------------------------------------------- evaluation helpers
+
+
+def chance_geodesic(rotations: Tensor, max_n: int = 2048) -> float:
+    """Mean geodesic distance (deg) between distinct labels: the error of guessing the pose of
+    another sample of the same set. About 126.5 deg for uniform random rotations."""
+    R = rotations[:max_n].double()
+    n = R.shape[0]
+    if n < 2:
+        return float("nan")
+    d = geodesic_distance(R[:, None], R[None, :])
+    return float(d.sum() / (n * (n - 1)))
+
+
+def evaluate_rotations(R_pred: Tensor, R_true: Tensor) -> dict[str, float]:
+    """Held-out figures (degrees): geodesic mean/median, MAEV, Euler MAE where meaningful."""
+    from clerf.evaluation.metrics import compute_errors, summarize
+
+    s = summarize(compute_errors(torch.arange(R_true.shape[0]), R_pred, R_true))
+    out = {
+        "geodesic_deg": s["geodesic"]["mean"],
+        "geodesic_median_deg": s["geodesic"]["median"],
+        "maev_deg": s["maev"],
+        "under_15deg": s["under"]["15"],
+    }
+    if s["euler"].get("n", 0):
+        out.update({f"euler_mae_{k}_deg": s["euler"][k] for k in ("yaw", "pitch", "roll", "mean")})
+        out["euler_n"] = float(s["euler"]["n"])
+    return out
+
+
+def _replace_params(p: GeometricParams, idx: Tensor, new: GeometricParams) -> GeometricParams:
+    """``p`` with the transforms of samples ``idx`` replaced by ``new`` (same length as idx)."""
+    out = {}
+    for f in fields(GeometricParams):
+        t = getattr(p, f.name).clone()
+        t[idx] = getattr(new, f.name).to(t.device)
+        out[f.name] = t
+    return GeometricParams(**out)
+
+
+# --------------------------------------------------------------------------- the task
+
+
+class FinetuneTask(Task):
+    """The fine-tune stage as a :class:`clerf.training.Task`; see the module docstring.
+
+    Args:
+        cfg: the experiment config (sections ``head``, ``finetune``, ``encoder``).
+        train_data: optional dataset used instead of ``finetune.train_store`` (anything with
+            ``__len__``, ``block_size`` and ``read_batch(indices)`` returning
+            ``{"images": (B, 3, H, W) uint8, "rotations": (B, 3, 3)}``, e.g.
+            :class:`InMemoryLabelled`).
+        val_data: optional ``{"images", "rotations"}`` tensors instead of ``val_store`` /
+            ``val_fraction``.
+    """
+
+    def __init__(self, cfg: DictConfig, train_data: Any = None,
+                 val_data: Mapping[str, Tensor] | None = None) -> None:  # fmt: skip
+        self.cfg = cfg
+        fc = cfg.finetune
+        self._validate(cfg)
+        self.encoder_spec = self._encoder_spec()
+        self.input_size = int(self.encoder_spec.input_size)
+        try:
+            self.augment = PoseAugment(fc.augment, output_size=self.input_size)
+        except ValueError as exc:
+            raise ConfigError(f"finetune: {exc}") from exc
+        self.policy = str(fc.out_of_range)
+        self.keep_frozen = tuple(str(p) for p in fc.freeze)
+
+        if train_data is None:
+            train_data = _open_labelled(fc.train_store, "finetune.train_store")
+        self.data_info = _store_info(train_data)
+        if val_data is None and fc.val_store:
+            val_ds = _open_labelled(fc.val_store, "finetune.val_store")
+            val_data = self._read_val(val_ds, 0, len(val_ds))
+        elif val_data is None and float(fc.val_fraction) > 0:
+            n = len(train_data)
+            n_val = int(round(n * float(fc.val_fraction)))
+            if n_val < 2 or n - n_val < 1:
+                raise DataError(
+                    f"finetune.val_fraction={fc.val_fraction} of {n} images leaves {n_val} "
+                    f"held-out and {n - n_val} training images; need at least 2 and 1"
+                )
+            val_data = self._read_val(train_data, n - n_val, n)
+            train_data = _Prefix(train_data, n - n_val)
+        self.train_data = train_data
+        self.val_images: Tensor | None = None
+        self.val_rotations: Tensor | None = None
+        self.chance_deg = float("nan")
+        if val_data is not None:
+            cap = int(fc.val_max_images) or val_data["images"].shape[0]
+            self.val_images = val_data["images"][:cap]
+            self.val_rotations = val_data["rotations"][:cap].float()
+            self.chance_deg = chance_geodesic(self.val_rotations)
+        self.counts = {"labels": 0, "out_of_range": 0, "dropped": 0}
+
+    # ----------------------------------------------------------------------- setup
+
+    @staticmethod
+    def _validate(cfg: DictConfig) -> None:
+        fc, hc = cfg.finetune, cfg.head
+
+        def need(ok: bool, key: str, what: str, value: Any) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
+        need(fc.out_of_range in OUT_OF_RANGE_POLICIES, "finetune.out_of_range",
+             "one of " + ", ".join(OUT_OF_RANGE_POLICIES), fc.out_of_range)  # fmt: skip
+        need(fc.resample_tries >= 0, "finetune.resample_tries", "an integer >= 0",
+             fc.resample_tries)  # fmt: skip
+        need(fc.probe_epochs >= 0, "finetune.probe_epochs", "an integer >= 0", fc.probe_epochs)
+        need(0.0 <= fc.val_fraction < 1.0, "finetune.val_fraction", "a number in [0, 1)",
+             fc.val_fraction)  # fmt: skip
+        need(fc.val_max_images >= 0, "finetune.val_max_images", "an integer >= 0",
+             fc.val_max_images)  # fmt: skip
+        for key in ("encoder_lr_scale", "head_lr_scale"):
+            v = float(fc[key])
+            need(math.isfinite(v) and v >= 0, f"finetune.{key}", "a number >= 0", fc[key])
+        need(hc.type in HEAD_TYPES, "head.type", "one of " + ", ".join(HEAD_TYPES), hc.type)
+        need(hc.alpha >= 0, "head.alpha", "a number >= 0", hc.alpha)
+        need(hc.predict_from in ("auto", "rotation6d", "binned"), "head.predict_from",
+             "auto, rotation6d or binned", hc.predict_from)  # fmt: skip
+        try:
+            build_head(hc, 8)  # bins, decode mode, hidden width
+        except ValueError as exc:
+            raise ConfigError(f"head: {exc}") from exc
+
+    def _encoder_spec(self) -> EncoderSpec:
+        src = self.cfg.finetune.encoder or ""
+        if not src:
+            try:
+                return EncoderSpec.from_config(self.cfg.encoder)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"encoder: {exc}") from exc
+        from clerf.models.encoder import resolve_encoder_dir
+        from clerf.models.io import read_model_config
+
+        meta = read_model_config(resolve_encoder_dir(src), ENCODER_KIND)
+        try:
+            return EncoderSpec.from_config(meta)
+        except (ConfigError, TypeError) as exc:
+            raise DataError(f"finetune.encoder: {src}: invalid encoder config ({exc})") from exc
+
+    def _read_val(self, dataset: Any, start: int, stop: int) -> dict[str, Tensor]:
+        cap = int(self.cfg.finetune.val_max_images)
+        if cap:
+            stop = min(stop, start + cap)
+        if stop - start < 2:
+            raise DataError(f"finetune: the held-out set has {stop - start} image(s); need >= 2")
+        return dataset.read_batch(list(range(start, stop)))  # contiguous: one slice per chunk
+
+    # ----------------------------------------------------------------------- Task hooks
+
+    def build_model(self) -> HeadPoseModel:
+        src = self.cfg.finetune.encoder or ""
+        if src:
+            encoder = Encoder.from_pretrained(src)
+        else:
+            try:
+                encoder = build_encoder(self.cfg.encoder)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"encoder: {exc}") from exc
+        model = HeadPoseModel(encoder, self.cfg.head)
+        names = [n for n, _ in model.encoder.named_parameters()]
+        for pre in self.keep_frozen:
+            if not any(n.startswith(pre) for n in names):
+                raise ConfigError(
+                    f"finetune.freeze: '{pre}' matches no encoder parameter (names look like "
+                    f"{', '.join(names[:3])}, ...)"
+                )
+        # Frozen for the whole run before DDP wraps the model: DDP then ignores them. A zero
+        # encoder lr freezes the whole encoder (BatchNorm statistics included).
+        whole = float(self.cfg.finetune.encoder_lr_scale) == 0
+        model.set_encoder_frozen(whole, keep_frozen=self.keep_frozen)
+        return model
+
+    def param_groups(self, model: nn.Module, ctx: StepContext) -> list[dict[str, Any]]:
+        fc = self.cfg.finetune
+        if fc.probe_epochs > 0 and ctx.world_size > 1 and not ctx.train_cfg.find_unused_parameters:
+            raise ConfigError(
+                "finetune.probe_epochs > 0 under several processes needs "
+                "finetune.train.find_unused_parameters=true"
+            )
+        enc = [p for p in model.encoder.parameters() if p.requires_grad]
+        head = list(model.head.parameters())
+        groups = [{"params": head, "lr_scale": float(fc.head_lr_scale), "name": "head"}]
+        if enc and float(fc.encoder_lr_scale) > 0:
+            groups.insert(0, {"params": enc, "lr_scale": float(fc.encoder_lr_scale),
+                              "name": "encoder"})  # fmt: skip
+        return groups
+
+    def train_loader(self, ctx: StepContext):
+        from triplets.store import make_loader
+
+        tc = ctx.train_cfg
+        if len(self.train_data) < int(tc.batch_size) * ctx.world_size:
+            raise DataError(
+                f"finetune.train_store: {len(self.train_data)} training images are fewer than one "
+                f"batch (finetune.train.batch_size={tc.batch_size} x {ctx.world_size} "
+                "process(es))"
+            )
+        return make_loader(
+            self.train_data, int(tc.batch_size), shuffle=True, seed=ctx.seed,
+            num_workers=int(tc.num_workers), rank=ctx.rank, world_size=ctx.world_size,
+            drop_last=True, pin_memory=ctx.device.type == "cuda",
+        )  # fmt: skip
+
+    def on_epoch_start(self, epoch: int, model: nn.Module, ctx: StepContext) -> None:
+        raw = ctx.accelerator.unwrap_model(model)
+        fc = self.cfg.finetune
+        if float(fc.encoder_lr_scale) == 0:
+            return  # frozen for the whole run (build_model)
+        probe = epoch < int(fc.probe_epochs)
+        raw.set_encoder_frozen(probe, keep_frozen=self.keep_frozen)
+        if ctx.is_main and epoch == int(fc.probe_epochs) and epoch > 0:
+            ctx.accelerator.print(f"finetune: epoch {epoch}: probe done, encoder unfrozen")
+
+    def _geometry(self, R: Tensor, head, ctx: StepContext) -> tuple[GeometricParams, Tensor, int]:
+        """Draw transforms; apply the out-of-range policy. Returns (params, keep mask, count of
+        labels outside the bins before any redraw)."""
+        n = R.shape[0]
+        params = self.augment.sample_geometric(n, ctx.generator, device=R.device)
+        ok = head.in_range(compose_rotation(R, params.to(R.device)))
+        n_out = int((~ok).sum())
+        if self.policy == "resample":
+            for _ in range(int(self.cfg.finetune.resample_tries)):
+                bad = (~ok).nonzero()[:, 0]
+                if bad.numel() == 0:
+                    break
+                new = self.augment.sample_geometric(bad.numel(), ctx.generator, device=R.device)
+                params = _replace_params(params, bad.to(params.angle.device), new)
+                ok[bad] = head.in_range(compose_rotation(R[bad], new.to(R.device)))
+        return params, ok, n_out
+
+    def train_step(self, model: nn.Module, batch: Mapping[str, Any], ctx: StepContext):
+        raw = ctx.accelerator.unwrap_model(model)
+        images, R = batch["images"], batch["rotations"].float()
+        params, ok, n_out = self._geometry(R, raw.head, ctx)
+        n = R.shape[0]
+        n_drop = int((~ok).sum())
+        if self.policy == "error" and n_drop:
+            from clerf.models.heads import euler_targets
+
+            e = euler_targets(compose_rotation(R, params.to(R.device))[~ok][:1])[0].tolist()
+            raise DataError(
+                f"finetune: {n_drop} label(s) of this batch lie outside the head's bins after "
+                f"augmentation (e.g. pitch, yaw, roll = {e[0]:.1f}, {e[1]:.1f}, {e[2]:.1f} deg); "
+                "set finetune.out_of_range=drop or resample, or narrow finetune.augment"
+            )
+        x, R_aug = self.augment(images, R, generator=ctx.generator, params=params)
+        if ctx.train_cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        if n_drop == 0:
+            loss, parts = raw.loss(out, R_aug)
+        elif n_drop < n:
+            keep = ok.nonzero()[:, 0]
+            loss, parts = raw.loss({k: v[keep] for k, v in out.items()}, R_aug[keep])
+        else:
+            # Nothing to learn from, but every process must still take part in the backward.
+            loss = sum(v.float().sum() for v in out.values()) * 0.0
+            parts = {}
+        self.counts["labels"] += n
+        self.counts["out_of_range"] += n_out
+        self.counts["dropped"] += n_drop
+        logs = {k: float(v) for k, v in parts.items()}
+        logs.update(out_of_range=float(n_out), dropped=float(n_drop))
+        return loss, logs
+
+    @torch.no_grad()
+    def predict_val(self, model: HeadPoseModel, batch_size: int = 128) -> Tensor:
+        """Predicted rotations ``(N, 3, 3)`` of the held-out images (no augmentation)."""
+        device = next(model.parameters()).device
+        outs = []
+        for i in range(0, self.val_images.shape[0], batch_size):
+            x = to_float_images(self.val_images[i:i + batch_size].to(device), self.input_size)
+            outs.append(model.rotations(x).float().cpu())
+        return torch.cat(outs)
+
+    def evaluate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
+        if self.val_images is None:
+            return {}
+        R = self.predict_val(model)
+        res = {f"val/{k}": v for k, v in evaluate_rotations(R, self.val_rotations).items()}
+        res["val/chance_geodesic_deg"] = self.chance_deg
+        return res
+
+    def save_artifacts(self, model: nn.Module, out: Path, summary: dict[str, Any]) -> None:
+        fc = self.cfg.finetune
+        training = {
+            "stage": "finetune",
+            "train_data": self.data_info,
+            "val_store": fc.val_store or None,
+            "val_fraction": float(fc.val_fraction),
+            "encoder_source": fc.encoder or "fresh",
+            "steps": summary["steps"],
+            "epochs": summary["epochs"],
+            "images_seen": summary["images_seen"],
+            "world_size": summary["world_size"],
+            "out_of_range_policy": self.policy,
+            "out_of_range_counts_this_run_main_process": dict(self.counts),
+            "evaluation": summary["evaluation"],
+            "seed": int(self.cfg.seed),
+        }
+        model.save_pretrained(out / "model", training=training)
+
+
+def run_finetune(cfg: DictConfig, out: str | Path, train_data: Any = None,
+                 val_data: Mapping[str, Tensor] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) the fine-tune stage; returns the training summary (``OUT/summary.json``).
+
+    See the module docstring for what is read and written.
+    """
+    task = FinetuneTask(cfg, train_data=train_data, val_data=val_data)
+    return fit(task, cfg, out, section="finetune")

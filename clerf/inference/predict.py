@@ -1,0 +1,304 @@
+"""Head pose of every face in images, folders and videos (``clerf predict``).
+
+Pipeline per image (or video frame), all on an ``(H, W, 3)`` uint8 RGB array:
+
+1. faces: a :class:`~clerf.inference.detect.FaceDetector` (Haar by default, or user boxes);
+2. crop: the detector box -> estimated landmark box
+   (:func:`~clerf.inference.detect.landmark_box_from_detection`, the detector's mapping) -> the
+   model's training crop
+   preset (:func:`clerf.data.crop.crop_box`, ``k`` fixed, or the middle of a random preset's
+   range) -> :func:`clerf.data.crop.crop_image` (outside = black) ->
+   :func:`clerf.data.crop.resize_square` to the model's input size, as the prepared stores do.
+   The preset ``none`` (models trained on whole rendered heads) crops the detector box made
+   square about its centre;
+3. pose: :meth:`PoseModel.predict_rotations`; Euler angles from
+   :func:`clerf.geometry.euler_from_rotation` (degrees, yaw in [-90, 90]);
+4. drawing: :func:`clerf.drawing.draw_axes` at the box centre (CONVENTIONS section 2) with the
+   box and the angles.
+
+Outputs in ``OUT/``: ``predictions.json`` (inputs with their status, faces, the crop settings),
+``predictions.csv`` (one row per face) and ``annotated/`` (images as PNG, videos as MP4).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clerf.errors import DataError
+from clerf.geometry import euler_from_rotation
+from clerf.inference.detect import Box, BoxMapping, FaceDetector, landmark_box_from_detection
+from clerf.inference.model import PoseModel
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "FacePose",
+    "FacePredictor",
+    "collect_inputs",
+    "read_image",
+    "run_predict",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+@dataclass
+class FacePose:
+    """One face: where it is, how it was cut, its pose (degrees and matrix)."""
+
+    file: str
+    frame: int | None
+    face: int
+    box: Box
+    crop_box: tuple[int, int, int, int]
+    rotation: np.ndarray  # (3, 3)
+    pitch: float
+    yaw: float
+    roll: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "frame": self.frame, "face": self.face,
+                "box": self.box.as_list(), "score": self.box.score,
+                "crop_box": list(self.crop_box), "pitch": self.pitch, "yaw": self.yaw,
+                "roll": self.roll, "rotation": self.rotation.tolist()}
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """``(path, "image" | "video")`` for every input; folders are searched recursively (sorted)
+    for files with known image/video extensions.
+
+    Raises:
+        DataError: a missing input, a file of unknown type, or a folder with nothing usable.
+    """
+    out: list[tuple[Path, str]] = []
+
+    def kind(p: Path) -> str | None:
+        ext = p.suffix.lower()
+        return "image" if ext in IMAGE_EXTENSIONS else "video" if ext in VIDEO_EXTENSIONS \
+            else None
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = [(f, kind(f)) for f in sorted(p.rglob("*")) if f.is_file() and kind(f)]
+            if not found:
+                raise DataError(f"{p}: folder holds no image or video files "
+                                f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})")
+            out.extend(found)  # type: ignore[arg-type]
+        elif p.is_file():
+            k = kind(p)
+            if k is None:
+                raise DataError(f"{p}: unknown file type '{p.suffix}' (images: "
+                                f"{', '.join(IMAGE_EXTENSIONS)}; videos: "
+                                f"{', '.join(VIDEO_EXTENSIONS)})")
+            out.append((p, k))
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB (grey and alpha converted); DataError if
+    unreadable."""
+    import cv2
+
+    p = Path(path)
+    data = np.fromfile(p, dtype=np.uint8) if p.is_file() else None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
+    if img is None:
+        raise DataError(f"{p}: cannot read this image (missing, empty, truncated or not an image)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+class FacePredictor:
+    """Detector + protocol crop + model: the per-image step shared by images and videos.
+
+    Args:
+        model: a loaded :class:`PoseModel`.
+        detector: finds faces.
+        crop_preset: override of the model's preset (``clerf.data.crop`` names).
+        mapping: detector box -> landmark box estimate (default: the detector's own).
+    """
+
+    def __init__(self, model: PoseModel, detector: FaceDetector, crop_preset: str | None = None,
+                 mapping: BoxMapping | None = None) -> None:
+        from clerf.data.crop import get_preset
+
+        self.model = model
+        self.detector = detector
+        try:
+            self.preset = get_preset(crop_preset or model.crop_preset)
+        except ValueError as exc:
+            raise DataError(f"--crop: {exc}") from exc
+        self.mapping = mapping or detector.box_mapping
+        # A random training preset is represented by the middle of its range.
+        self.k = 0.5 * (self.preset.k_low + self.preset.k_high)
+
+    def crop_box(self, box: Box) -> tuple[int, int, int, int]:
+        """Integer half-open ``(x0, y0, x1, y1)`` of the model input for one detection."""
+        from clerf.data.crop import crop_box
+
+        x0, y0, x1, y1 = landmark_box_from_detection(box, self.mapping)
+        if self.preset.enabled:
+            return crop_box((x0, y0, x1, y1), self.preset, self.k)
+        cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+        return (int(round(cx - half)), int(round(cy - half)), int(round(cx + half)),
+                int(round(cy + half)))
+
+    def crops(self, image: np.ndarray, boxes: Sequence[Box], source: str = "image"
+              ) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """Model inputs ``(n, 3, S, S)`` uint8 and their crop boxes."""
+        from clerf.data.crop import crop_image, resize_square
+
+        cbs = [self.crop_box(b) for b in boxes]
+        arr = [resize_square(crop_image(image, cb, source), self.model.input_size,
+                             self.model.resize_mode) for cb in cbs]
+        if not arr:
+            return torch.zeros(0, 3, self.model.input_size, self.model.input_size,
+                               dtype=torch.uint8), cbs
+        return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous(), cbs
+
+    def __call__(self, image: np.ndarray, source: str, frame: int | None = None
+                 ) -> list[FacePose]:
+        boxes = self.detector.detect(image, source=source, frame=frame)
+        if not boxes:
+            return []
+        x, cbs = self.crops(image, boxes, source)
+        R = self.model.predict_rotations(x).double().cpu()
+        e = euler_from_rotation(R)
+        return [FacePose(source, frame, i, b, cb, R[i].numpy(), float(e.pitch[i]),
+                         float(e.yaw[i]), float(e.roll[i]))
+                for i, (b, cb) in enumerate(zip(boxes, cbs, strict=True))]
+
+    def describe(self) -> dict[str, Any]:
+        return {"detector": self.detector.describe(), "crop_preset": self.preset.name,
+                "k": self.k, "resize_mode": self.model.resize_mode,
+                "input_size": self.model.input_size,
+                "box_mapping": {"scale_x": self.mapping.scale_x, "scale_y": self.mapping.scale_y,
+                                "shift_y": self.mapping.shift_y}}
+
+
+def annotate(image: np.ndarray, faces: Iterable[FacePose]) -> np.ndarray:
+    """A copy of ``image`` with each face's box, head axes and angles drawn."""
+    import cv2
+
+    from clerf.drawing import draw_axes
+
+    out = np.ascontiguousarray(image).copy()
+    for f in faces:
+        b = f.box
+        thick = max(1, round(min(out.shape[:2]) / 300))
+        cv2.rectangle(out, (int(b.x), int(b.y)), (int(b.x + b.w), int(b.y + b.h)),
+                      (255, 255, 255), thick, cv2.LINE_AA)
+        out = draw_axes(out, f.rotation, centre=(b.x + b.w / 2, b.y + b.h / 2),
+                        size=0.6 * max(b.w, b.h), thickness=max(2, round(b.w / 60)))
+        text = f"p {f.pitch:.0f} y {f.yaw:.0f} r {f.roll:.0f}"
+        scale = max(0.4, b.w / 250)
+        org = (int(b.x), max(12, int(b.y) - 6))
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), 1,
+                    cv2.LINE_AA)
+    return out
+
+
+CSV_FIELDS = ["file", "frame", "face", "x", "y", "w", "h", "score", "pitch", "yaw", "roll",
+              *(f"r{i}{j}" for i in range(3) for j in range(3))]
+
+
+def _write_outputs(out: Path, record: dict[str, Any], faces: list[FacePose]) -> None:
+    tmp = out / f".predictions.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "predictions.json")
+    tmp = out / f".predictions.csv.tmp{os.getpid()}"
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_FIELDS)
+        for f in faces:
+            w.writerow([f.file, "" if f.frame is None else f.frame, f.face,
+                        *(f"{v:.1f}" for v in f.box.as_list()),
+                        "" if f.box.score is None else f"{f.box.score:.3f}",
+                        f"{f.pitch:.4f}", f"{f.yaw:.4f}", f"{f.roll:.4f}",
+                        *(f"{v:.6f}" for v in f.rotation.reshape(-1))])
+    os.replace(tmp, out / "predictions.csv")
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{i:04d}_{s}" for i, s in enumerate(stems)]
+
+
+def run_predict(
+    model: PoseModel,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    detector: FaceDetector,
+    crop_preset: str | None = None,
+    mapping: BoxMapping | None = None,
+    annotate_outputs: bool = True,
+    max_frames: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Predict every face of every input; write JSON, CSV and annotated files into ``out``.
+
+    Inputs are all checked (exist, known type) before any work. An input with no face gets the
+    status ``"no face found"`` (and a message through ``log``), not an error; an unreadable file
+    is a :class:`DataError` naming it.
+
+    Returns:
+        The ``predictions.json`` record: ``{"inputs": [...], "faces": [...], "settings": ...}``.
+    """
+    from clerf.drawing import save_png
+    from clerf.inference.video import predict_video
+
+    items = collect_inputs(inputs)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out: {out} exists and is not a directory")
+    predictor = FacePredictor(model, detector, crop_preset, mapping)
+    names = _unique_names([p for p, _ in items])
+    out.mkdir(parents=True, exist_ok=True)
+    if annotate_outputs:
+        (out / "annotated").mkdir(exist_ok=True)
+    faces: list[FacePose] = []
+    records = []
+    for (path, kind), name in zip(items, names, strict=True):
+        rec: dict[str, Any] = {"file": str(path), "kind": kind}
+        if kind == "image":
+            image = read_image(path)
+            found = predictor(image, str(path))
+            rec["size"] = [int(image.shape[1]), int(image.shape[0])]
+            if annotate_outputs:
+                target = out / "annotated" / f"{name}.png"
+                save_png(target, annotate(image, found))
+                rec["annotated"] = str(target)
+        else:
+            target = out / "annotated" / f"{name}.mp4" if annotate_outputs else None
+            found, frames = predict_video(predictor, path, target, max_frames=max_frames)
+            rec["frames"] = frames
+            if target is not None:
+                rec["annotated"] = str(target)
+        rec["faces"] = len(found)
+        rec["status"] = "ok" if found else "no face found"
+        if not found:
+            log(f"predict: {path}: no face found")
+        faces.extend(found)
+        records.append(rec)
+    record = {"inputs": records, "faces": [f.as_dict() for f in faces],
+              "settings": {**predictor.describe(), "model": model.describe()},
+              "conventions": "rotation rows = head axes (right, up, nose) in camera coordinates "
+                             "(x right, y up, z toward the viewer); pitch, yaw, roll in degrees, "
+                             "R = Rz(roll) @ Ry(yaw) @ Rx(pitch)"}
+    _write_outputs(out, record, faces)
+    return record

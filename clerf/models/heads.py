@@ -1,0 +1,416 @@
+"""Pose heads: HopeNet's binned multi-loss Euler head and the 6D rotation head.
+
+Every head maps encoder features ``(B, F)`` to a dict of raw outputs, turns those outputs into
+rotation matrices ``(B, 3, 3)`` (``shared/CONVENTIONS.md``: rows = head axes in camera
+coordinates) and computes its training loss against rotation labels. Labels are always rotation
+matrices; a binned head derives its Euler targets with :func:`clerf.geometry.euler_from_rotation`,
+so augmentation composes labels exactly and the heads never see an approximate angle.
+
+* :class:`BinnedEulerHead` (HopeNet, CONVENTIONS section 5): per angle a linear layer over bins,
+  loss per angle = cross-entropy over bins + ``alpha`` x MSE (deg^2) of the softmax expectation.
+* :class:`Rotation6DHead` (6DRepNet / CLERF): an MLP to 6 numbers, Gram-Schmidt to a rotation,
+  geodesic loss in **radians**.
+* :class:`CombinedHead`: both at once, summed weighted losses.
+
+Euler order inside this module is always ``(pitch, yaw, roll)`` along the angle axis, the order of
+:class:`clerf.geometry.EulerAngles`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clerf.geometry import (
+    HOPENET_BINS,
+    BinSpec,
+    angle_to_bin,
+    bin_centers,
+    decode_bins,
+    euler_from_rotation,
+    geodesic_distance,
+    rotation_from_6d,
+    rotation_from_euler,
+    wrap_degrees,
+)
+
+__all__ = [
+    "ANGLE_NAMES",
+    "DECODE_MODES",
+    "HEAD_TYPES",
+    "PoseHead",
+    "BinnedEulerHead",
+    "Rotation6DHead",
+    "CombinedHead",
+    "binned_loss",
+    "decode_bins_circular",
+    "geodesic_loss",
+    "euler_targets",
+    "build_head",
+]
+
+#: order of the angle axis in binned logits and Euler targets
+ANGLE_NAMES: tuple[str, str, str] = ("pitch", "yaw", "roll")
+#: how a binned head turns bin probabilities into an angle
+DECODE_MODES = ("auto", "expectation", "circular")
+#: head types accepted by :func:`build_head` (the ``head.type`` config key)
+HEAD_TYPES = ("binned", "rotation6d", "both")
+
+
+def _spans_full_circle(spec: BinSpec) -> bool:
+    return abs(spec.num_bins * spec.width - 360.0) < 1e-9
+
+
+# --------------------------------------------------------------------------- functional parts
+
+
+def decode_bins_circular(logits: Tensor, spec: BinSpec) -> Tensor:
+    """Circular mean (degrees) of the bin centres under ``softmax(logits)``, ``(...)``.
+
+    ``atan2(sum_i p_i sin c_i, sum_i p_i cos c_i)``, returned in ``[spec.start, spec.start + 360)``.
+    Unlike the plain expectation this has no seam: probability split between the first and last
+    bins of a [-180, 180) head decodes near +-180 deg, not near 0.
+    """
+    if logits.shape[-1] != spec.num_bins:
+        raise ValueError(f"decode_bins_circular: expected {spec.num_bins} logits, "
+                         f"got {logits.shape[-1]}")
+    c = torch.deg2rad(bin_centers(spec, dtype=logits.dtype, device=logits.device))
+    p = torch.softmax(logits, dim=-1)
+    angle = torch.rad2deg(torch.atan2(p @ torch.sin(c), p @ torch.cos(c)))
+    return torch.remainder(angle - spec.start, 360.0) + spec.start
+
+
+def euler_targets(rotations: Tensor, spec: BinSpec | None = None) -> Tensor:
+    """Euler labels ``(B, 3)`` in degrees, ordered (pitch, yaw, roll), from ``(B, 3, 3)``.
+
+    With a ``spec`` spanning a full circle, angles are wrapped by 360 into
+    ``[spec.start, spec.start + 360)``: ``euler_from_rotation`` returns pitch and roll in
+    ``(-180, 180]``, and +180 must land in the first bin of a ``[-180, 180)`` head, not outside it.
+    """
+    e = torch.stack(euler_from_rotation(rotations), dim=-1)
+    if spec is not None and _spans_full_circle(spec):
+        e = torch.remainder(e - spec.start, 360.0) + spec.start
+    return e
+
+
+def binned_loss(
+    logits: Tensor,
+    target_deg: Tensor,
+    spec: BinSpec = HOPENET_BINS,
+    alpha: float = 2.0,
+    circular: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """HopeNet's multi-loss, summed over the three angles, averaged over the batch.
+
+    For each angle: ``cross_entropy(logits, bin(target)) + alpha * mean((decoded - target)^2)``,
+    where ``decoded`` is the softmax expectation over bin centres in degrees (or the circular mean
+    with ``circular=True``, whose error is wrapped by 360). HopeNet backpropagates the sum of the
+    three per-angle losses; so does this.
+
+    Args:
+        logits: ``(B, 3, K)`` bin logits ordered (pitch, yaw, roll).
+        target_deg: ``(B, 3)`` labels in degrees, same order.
+        spec: the bins; a label outside ``[spec.start, spec.stop)`` raises ``ValueError`` (filter
+            such samples before calling: see :meth:`BinnedEulerHead.in_range`).
+        alpha: weight of the regression term (deg^2).
+
+    Returns:
+        ``(loss, parts)`` with ``parts`` holding detached per-angle ``ce_<angle>``,
+        ``mse_<angle>`` (deg^2) and ``mae_<angle>`` (deg).
+    """
+    if logits.ndim != 3 or logits.shape[1] != 3 or logits.shape[2] != spec.num_bins:
+        raise ValueError(f"binned_loss: logits must be (B, 3, {spec.num_bins}), "
+                         f"got {tuple(logits.shape)}")
+    if target_deg.shape != logits.shape[:2]:
+        raise ValueError(f"binned_loss: targets must be {tuple(logits.shape[:2])}, "
+                         f"got {tuple(target_deg.shape)}")
+    total = logits.new_zeros(())
+    parts: dict[str, Tensor] = {}
+    for k, name in enumerate(ANGLE_NAMES):
+        idx = angle_to_bin(target_deg[:, k].contiguous(), spec, name=f"{name} label")
+        ce = F.cross_entropy(logits[:, k], idx)
+        if circular:
+            decoded = decode_bins_circular(logits[:, k], spec)
+            diff = wrap_degrees(decoded - target_deg[:, k].to(decoded))
+        else:
+            decoded = decode_bins(logits[:, k], spec)
+            diff = decoded - target_deg[:, k].to(decoded)
+        mse = (diff * diff).mean()
+        total = total + ce + alpha * mse
+        parts[f"ce_{name}"] = ce.detach()
+        parts[f"mse_{name}"] = mse.detach()
+        parts[f"mae_{name}"] = diff.detach().abs().mean()
+    return total, parts
+
+
+def geodesic_loss(R_pred: Tensor, R_true: Tensor) -> Tensor:
+    """Mean geodesic distance between ``(B, 3, 3)`` rotations, in **radians** (6DRepNet's loss).
+
+    Uses :func:`clerf.geometry.geodesic_distance` (atan2 form: finite gradient at 0 and 180 deg).
+    """
+    return torch.deg2rad(geodesic_distance(R_pred, R_true.to(R_pred))).mean()
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class PoseHead(nn.Module, ABC):
+    """Features ``(B, in_features)`` -> raw outputs -> rotations and a loss.
+
+    Subclasses keep output keys distinct (``logits``, ``sixd``) so :class:`CombinedHead` can merge
+    their dicts.
+    """
+
+    in_features: int
+
+    @abstractmethod
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        """Raw outputs of a batch of features."""
+
+    @abstractmethod
+    def rotation(self, outputs: dict[str, Tensor]) -> Tensor:
+        """Predicted rotation matrices ``(B, 3, 3)`` from :meth:`forward`'s outputs."""
+
+    @abstractmethod
+    def loss(
+        self, outputs: dict[str, Tensor], rotations: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(scalar loss, detached named parts)`` against label rotations ``(B, 3, 3)``."""
+
+    def in_range(self, rotations: Tensor) -> Tensor:
+        """Boolean ``(B,)``: which labels this head can be trained on (all, unless binned)."""
+        return torch.ones(rotations.shape[:-2], dtype=torch.bool, device=rotations.device)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description (saved with the model)."""
+        return {"type": type(self).__name__, "in_features": self.in_features}
+
+
+class BinnedEulerHead(PoseHead):
+    """HopeNet's binned multi-loss head (CONVENTIONS section 5).
+
+    One linear layer per angle over ``spec.num_bins`` bins; the three layers are stored as one
+    ``nn.Linear(in_features, 3 * K)`` whose output is viewed as ``(B, 3, K)`` (pitch, yaw, roll):
+    mathematically the same as three separate layers, one matmul instead of three.
+
+    Decoding: the softmax expectation over bin **centres** (HopeNet's code uses left edges, a
+    half-bin bias). ``decode="auto"`` picks the circular mean when the bins span 360 deg
+    (:data:`clerf.geometry.FULL_RANGE_BINS`), the expectation otherwise.
+
+    Full-range caveats (``[-180, 180)`` bins): in clerf's convention yaw only spans [-90, 90], so
+    the yaw bins beyond +-90 are never targets; pitch and roll wrap at +-180, where a plain
+    expectation is biased toward 0 (mass split between the end bins averages to the middle) and
+    the circular mean is not; near |yaw| = 90 (gimbal lock) pitch and roll are individually
+    ill-defined, so the Euler targets jump while the rotation barely moves. Full-range models
+    should prefer :class:`Rotation6DHead`; the binned full-range variant exists for experiments.
+
+    Example:
+        >>> head = BinnedEulerHead(16)
+        >>> out = head(torch.randn(4, 16))
+        >>> out["logits"].shape, head.rotation(out).shape
+        (torch.Size([4, 3, 66]), torch.Size([4, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        spec: BinSpec = HOPENET_BINS,
+        alpha: float = 2.0,
+        decode: str = "auto",
+    ) -> None:
+        super().__init__()
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.in_features = int(in_features)
+        self.spec = spec
+        self.alpha = float(alpha)
+        self.decode_mode = decode
+        self.circular = decode == "circular" or (decode == "auto" and _spans_full_circle(spec))
+        self.fc = nn.Linear(self.in_features, 3 * spec.num_bins)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.fc(features).unflatten(-1, (3, self.spec.num_bins))}
+
+    def decode(self, logits: Tensor) -> Tensor:
+        """Angles ``(B, 3)`` in degrees (pitch, yaw, roll) from logits ``(B, 3, K)``."""
+        if self.circular:
+            return decode_bins_circular(logits, self.spec)
+        return decode_bins(logits, self.spec)
+
+    def rotation(self, outputs: dict[str, Tensor]) -> Tensor:
+        e = self.decode(outputs["logits"])
+        return rotation_from_euler(e[..., 0], e[..., 1], e[..., 2])
+
+    def targets(self, rotations: Tensor) -> Tensor:
+        """Euler labels ``(B, 3)`` deg of label rotations, wrapped for full-circle bins."""
+        return euler_targets(rotations, self.spec)
+
+    def in_range(self, rotations: Tensor) -> Tensor:
+        e = self.targets(rotations).double()
+        return ((e >= self.spec.start) & (e < self.spec.stop)).all(dim=-1)
+
+    def loss(
+        self, outputs: dict[str, Tensor], rotations: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return binned_loss(
+            outputs["logits"], self.targets(rotations), self.spec, self.alpha, self.circular
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "bins": {"start": self.spec.start, "width": self.spec.width,
+                     "num_bins": self.spec.num_bins},
+            "alpha": self.alpha,
+            "decode": "circular" if self.circular else "expectation",
+        }
+
+
+class Rotation6DHead(PoseHead):
+    """An MLP to the 6D representation, Gram-Schmidt to a rotation, geodesic loss (radians).
+
+    ``hidden = 0`` makes it a single linear layer (6DRepNet's head); otherwise
+    ``Linear -> ReLU -> Linear`` (CLERF's MLP).
+    """
+
+    def __init__(self, in_features: int, hidden: int = 256) -> None:
+        super().__init__()
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0, got {hidden}")
+        self.in_features = int(in_features)
+        self.hidden = int(hidden)
+        if hidden == 0:
+            self.mlp = nn.Sequential(nn.Linear(self.in_features, 6))
+        else:
+            self.mlp = nn.Sequential(
+                nn.Linear(self.in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 6)
+            )
+        # Start near the identity rotation (the first two columns e_x, e_y) instead of at a
+        # random one: a fair, symmetric starting point that keeps Gram-Schmidt well conditioned.
+        with torch.no_grad():
+            self.mlp[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        return {"sixd": self.mlp(features)}
+
+    def rotation(self, outputs: dict[str, Tensor]) -> Tensor:
+        return rotation_from_6d(outputs["sixd"])
+
+    def loss(
+        self, outputs: dict[str, Tensor], rotations: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        R = self.rotation(outputs)
+        loss = geodesic_loss(R, rotations)
+        return loss, {"geodesic_deg": torch.rad2deg(loss.detach())}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "hidden": self.hidden}
+
+
+class CombinedHead(PoseHead):
+    """A binned Euler head and a 6D head on the same features; loss = weighted sum.
+
+    ``predict_from`` picks which head's rotation :meth:`rotation` returns (``rotation6d`` by
+    default: it covers the full rotation group without Euler singularities).
+    """
+
+    def __init__(
+        self,
+        binned: BinnedEulerHead,
+        rotation6d: Rotation6DHead,
+        binned_weight: float = 1.0,
+        rotation6d_weight: float = 1.0,
+        predict_from: str = "rotation6d",
+    ) -> None:
+        super().__init__()
+        if binned.in_features != rotation6d.in_features:
+            raise ValueError("CombinedHead: both heads must take the same number of features")
+        if predict_from not in ("binned", "rotation6d"):
+            raise ValueError(f"predict_from must be 'binned' or 'rotation6d', got {predict_from!r}")
+        self.in_features = binned.in_features
+        self.binned = binned
+        self.rotation6d = rotation6d
+        self.binned_weight = float(binned_weight)
+        self.rotation6d_weight = float(rotation6d_weight)
+        self.predict_from = predict_from
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        return {**self.binned(features), **self.rotation6d(features)}
+
+    def rotation(self, outputs: dict[str, Tensor]) -> Tensor:
+        head = self.binned if self.predict_from == "binned" else self.rotation6d
+        return head.rotation(outputs)
+
+    def in_range(self, rotations: Tensor) -> Tensor:
+        return self.binned.in_range(rotations)
+
+    def loss(
+        self, outputs: dict[str, Tensor], rotations: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        lb, pb = self.binned.loss(outputs, rotations)
+        lr, pr = self.rotation6d.loss(outputs, rotations)
+        parts = {**pb, **pr, "loss_binned": lb.detach(), "loss_rotation6d": lr.detach()}
+        return self.binned_weight * lb + self.rotation6d_weight * lr, parts
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "binned": self.binned.describe(),
+            "rotation6d": self.rotation6d.describe(),
+            "weights": {"binned": self.binned_weight, "rotation6d": self.rotation6d_weight},
+            "predict_from": self.predict_from,
+        }
+
+
+def build_head(cfg: Any, in_features: int) -> PoseHead:
+    """Build the head described by a ``head`` config section (:class:`clerf.config.HeadConfig`
+    or any mapping/object with the same keys) on ``in_features`` encoder features.
+
+    Raises:
+        ValueError: unknown type or decode mode, bins that are not a whole number of bins, ...
+    """
+
+    def get(key: str, default: Any = None) -> Any:
+        if isinstance(cfg, dict):
+            return cfg.get(key, default)
+        return getattr(cfg, key, default)
+
+    kind = get("type", "binned")
+    if kind not in HEAD_TYPES:
+        raise ValueError(f"head.type must be one of {HEAD_TYPES}, got {kind!r}")
+    bins = get("bins")
+    if bins is None:
+        spec = HOPENET_BINS
+    else:
+        b = bins if isinstance(bins, dict) else {k: getattr(bins, k) for k in
+                                                 ("start", "width", "num_bins")}
+        spec = BinSpec(start=float(b["start"]), width=float(b["width"]),
+                       num_bins=int(b["num_bins"]))
+    alpha = float(get("alpha", 2.0))
+    if not math.isfinite(alpha):
+        raise ValueError(f"head.alpha must be finite, got {alpha}")
+
+    def binned() -> BinnedEulerHead:
+        return BinnedEulerHead(in_features, spec, alpha, get("decode", "auto"))
+
+    def sixd() -> Rotation6DHead:
+        return Rotation6DHead(in_features, int(get("hidden", 256)))
+
+    if kind == "binned":
+        return binned()
+    if kind == "rotation6d":
+        return sixd()
+    predict_from = get("predict_from", "auto")
+    return CombinedHead(
+        binned(), sixd(),
+        binned_weight=float(get("binned_weight", 1.0)),
+        rotation6d_weight=float(get("rotation6d_weight", 1.0)),
+        predict_from="rotation6d" if predict_from == "auto" else predict_from,
+    )

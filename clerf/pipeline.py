@@ -1,0 +1,247 @@
+"""``clerf pipeline``: generate -> pretrain -> finetune -> evaluate in one output directory.
+
+Each stage is the same stage function that its own command calls; this module only decides the
+paths that connect them and skips what is already complete, so rerunning the same command resumes
+where it stopped (a partial store is resumed, a training stage auto-resumes from its newest
+checkpoint). Layout of ``OUT`` (``pipeline.data_dir`` can point the stores elsewhere, so that
+several runs, e.g. ablations, share one data set)::
+
+    OUT/config.yaml          the resolved pipeline config
+    OUT/data/train.h5        triplet store (training; read as labelled images by finetune)
+    OUT/data/test.h5         held-out store: other seed, so other identities and poses
+    OUT/pretrain/            contrastive stage (encoder/, checkpoints/, metrics.jsonl, ...)
+    OUT/finetune/            fine-tune stage (model/, checkpoints/, metrics.jsonl, ...)
+    OUT/evaluate/            report.json, report.md, figures
+    OUT/results.md           the results table, also printed
+
+A stage whose output exists but was made from another configuration is an error naming the first
+differing key: the pipeline never mixes artefacts of two configurations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from clerf.config import ExperimentConfig, save_resolved, to_dict
+from clerf.errors import ConfigError, DataError
+
+__all__ = ["STAGES", "run_pipeline", "stage_configs", "first_difference"]
+
+STAGES = ("generate", "pretrain", "finetune", "evaluate")
+
+
+def _derive(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
+    """A new read-only config: ``cfg`` with dotted-key ``updates`` applied."""
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), to_dict(cfg))
+    for key, value in updates.items():
+        OmegaConf.update(merged, key, value, merge=False)
+    OmegaConf.set_readonly(merged, True)
+    return merged  # type: ignore[return-value]
+
+
+#: keys that change how a run looks, not what it computes: never a reason to redo a stage
+RUN_ONLY_KEYS = frozenset({"progress", "log_every", "tensorboard"})
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first dotted key whose value differs between two nested dicts, with both values.
+
+    Keys in :data:`RUN_ONLY_KEYS` are ignored.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted((set(old) | set(new)) - RUN_ONLY_KEYS):
+            hit = first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
+            if hit:
+                return hit
+        return None
+    return None if old == new else f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"
+
+
+def stage_configs(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """The per-stage configs and paths of a pipeline run (pure: creates nothing)."""
+    p = cfg.pipeline
+    unknown = [s for s in p.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"pipeline.stages: unknown stage(s) {unknown}; choose from {STAGES}")
+    data_dir = Path(p.data_dir) if p.data_dir else out / "data"
+    train_store, test_store = data_dir / "train.h5", data_dir / "test.h5"
+    pretrain_dir, finetune_dir = out / "pretrain", out / "finetune"
+    use_pretrain = "pretrain" in p.stages
+    return {
+        "train_store": train_store,
+        "test_store": test_store,
+        "pretrain_dir": pretrain_dir,
+        "finetune_dir": finetune_dir,
+        "evaluate_dir": out / "evaluate",
+        "generate_train": cfg,
+        "generate_test": _derive(
+            cfg, {"seed": int(cfg.seed) + int(p.test_seed_offset),
+                  "triplets.count": int(p.test_count)}
+        ),
+        "pretrain": _derive(
+            cfg, {"pretrain.train_store": str(train_store), "pretrain.val_store": str(test_store)}
+        ),
+        "finetune": _derive(
+            cfg,
+            {"finetune.train_store": str(train_store), "finetune.val_store": str(test_store),
+             "finetune.val_fraction": 0.0,
+             "finetune.encoder": str(pretrain_dir) if use_pretrain else None},
+        ),
+    }
+
+
+#: the config sections that determine each training stage's result (its data are checked by the
+#: generate step's fingerprint)
+STAGE_SECTIONS = {
+    "pretrain": ("seed", "encoder", "pretrain"),
+    "finetune": ("seed", "encoder", "head", "finetune"),
+}
+
+
+def _training_state(stage_cfg: DictConfig, directory: Path, artefact: str, name: str) -> str:
+    """``missing``, ``partial`` or ``complete``; raises if made from another config."""
+    saved = directory / "config.yaml"
+    if not saved.exists():
+        return "missing"
+    keys = STAGE_SECTIONS[name]
+    old = {k: v for k, v in to_dict(OmegaConf.load(saved)).items() if k in keys}
+    diff = first_difference(old, {k: v for k, v in to_dict(stage_cfg).items() if k in keys})
+    if diff:
+        raise DataError(
+            f"{directory} was made from another config ({diff}); remove it or choose another --out"
+        )
+    done = (directory / "summary.json").exists() and (directory / artefact).is_dir()
+    return "complete" if done else "partial"
+
+
+def run_pipeline(
+    cfg: DictConfig,
+    out: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the configured stages in order, skipping complete ones; return the evaluation report.
+
+    Args:
+        cfg: a loaded :class:`clerf.config.ExperimentConfig` with a ``pipeline`` section.
+        out: the output directory (created).
+        progress: progress bars in the stages.
+        log: where one-line stage messages go.
+
+    Returns:
+        ``{"report": report or None, "timings": {stage: seconds}, "paths": {...}}``.
+    """
+    from triplets.generate import generated_state, run_generate
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out: {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not progress:
+        cfg = _derive(cfg, {"pretrain.train.progress": False, "finetune.train.progress": False})
+    sc = stage_configs(cfg, out)
+    save_resolved(cfg, out)
+    stages = list(cfg.pipeline.stages)
+    timings: dict[str, float] = {}
+
+    if "generate" in stages:
+        t0 = time.perf_counter()
+        stores = (("generate_train", sc["train_store"]), ("generate_test", sc["test_store"]))
+        for key, path in stores:
+            state = generated_state(sc[key], path)
+            if state == "complete":
+                log(f"[generate] {path} is complete: skipped")
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log(f"[generate] {'resuming' if state == 'partial' else 'writing'} {path}")
+            run_generate(sc[key], path, resume=state == "partial", progress=progress)
+        timings["generate"] = time.perf_counter() - t0
+
+    for name in ("pretrain", "finetune"):
+        if name not in stages:
+            continue
+        directory = sc[f"{name}_dir"]
+        artefact = "encoder" if name == "pretrain" else "model"
+        state = _training_state(sc[name], directory, artefact, name)
+        if state == "complete":
+            log(f"[{name}] {directory} is complete: skipped")
+            continue
+        log(f"[{name}] {'resuming' if state == 'partial' else 'training'} in {directory}")
+        t0 = time.perf_counter()
+        if name == "pretrain":
+            from clerf.pretrain import run_pretrain
+
+            run_pretrain(sc[name], directory)
+        else:
+            from clerf.finetune import run_finetune
+
+            run_finetune(sc[name], directory)
+        timings[name] = time.perf_counter() - t0
+
+    report = None
+    if "evaluate" in stages:
+        report = _evaluate(cfg, sc, progress, log)
+        timings["evaluate"] = report.pop("_seconds", 0.0)
+        table = _results_table(cfg, report)
+        (out / "results.md").write_text(table + "\n")
+        log(table)
+    timing_file = out / "timings.json"
+    old = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    timing_file.write_text(json.dumps({**old, **timings}, indent=2))
+    return {"report": report, "timings": timings,
+            "paths": {k: str(v) for k, v in sc.items() if isinstance(v, Path)}}
+
+
+def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    from clerf.evaluation.evaluate import EvaluateOptions, run_evaluate
+
+    directory: Path = sc["evaluate_dir"]
+    model = sc["finetune_dir"] / "model"
+    if not model.is_dir():
+        raise DataError(f"[evaluate] no model at {model}: run the finetune stage first")
+    report_file = directory / "report.json"
+    marker = directory / "pipeline_config.yaml"
+    if report_file.exists() and marker.exists():
+        diff = first_difference(to_dict(OmegaConf.load(marker)), to_dict(cfg))
+        if diff is None and report_file.stat().st_mtime >= (model / "config.json").stat().st_mtime:
+            log(f"[evaluate] {report_file} is complete: skipped")
+            return json.loads(report_file.read_text())
+    t0 = time.perf_counter()
+    log(f"[evaluate] {', '.join(cfg.evaluate.protocols)} on {sc['test_store']}")
+    opts = EvaluateOptions.from_config(cfg.evaluate)
+    report = run_evaluate([str(model)], directory, data=str(sc["test_store"]), opts=opts,
+                          names=[str(cfg.name)], cfg=cfg)
+    save_resolved(cfg, directory, "pipeline_config.yaml")
+    report["_seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _results_table(cfg: DictConfig, report: dict[str, Any]) -> str:
+    """A Markdown table of the pooled headline metrics per protocol (degrees)."""
+    lines = [
+        f"Results of '{cfg.name}' on the held-out set (degrees; chance, a uniformly random "
+        "rotation, gives a mean geodesic error of about 126.5)",
+        "",
+        "| model | protocol | N | geodesic mean | median | p90 | MAEV | <10 deg | <15 deg "
+        "| Euler MAE (N) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in report.get("models", []):
+        for proto, res in m.get("results", {}).items():
+            s = res["pooled"]
+            geo, under, euler = s["geodesic"], s["under"], s.get("euler") or {}
+            euler_txt = f"{euler['mean']:.1f} ({euler['n']})" if euler.get("mean") is not None \
+                else "-"
+            lines.append(
+                f"| {m['name']} | {proto} | {s['n']} | {geo['mean']:.1f} | {geo['median']:.1f} | "
+                f"{geo['p90']:.1f} | {s['maev']:.1f} | {100 * under['10']:.0f}% | "
+                f"{100 * under['15']:.0f}% | {euler_txt} |"
+            )
+    return "\n".join(lines)

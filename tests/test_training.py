@@ -1,0 +1,214 @@
+"""Tests of the shared training loop (clerf.training) with a toy task."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clerf.config import load_config
+from clerf.errors import ConfigError
+from clerf.training import StepContext, Task, find_checkpoints, fit, lr_lambda
+
+
+class ToyTask(Task):
+    """Linear regression on fixed data; noise drawn from ctx.generator (tests determinism)."""
+
+    def __init__(self, n: int = 32, batch: int = 4, fail_at_step: int | None = None) -> None:
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x @ torch.randn(8, 1, generator=g)
+        self.batch = batch
+        self.fail_at_step = fail_at_step
+        self.epochs_started: list[int] = []
+        self.saved = None
+
+    def build_model(self) -> nn.Module:
+        return nn.Linear(8, 1)
+
+    def param_groups(self, model, ctx):
+        return [{"params": [model.weight], "name": "w"},
+                {"params": [model.bias], "name": "b", "lr_scale": 0.5, "weight_decay": 0.0}]
+
+    def train_loader(self, ctx: StepContext):
+        ds = torch.utils.data.TensorDataset(self.x, self.y)
+        return torch.utils.data.DataLoader(ds, batch_size=self.batch, shuffle=False)
+
+    def train_step(self, model, batch, ctx):
+        if self.fail_at_step is not None and ctx.step == self.fail_at_step:
+            raise KeyboardInterrupt("simulated kill")
+        x, y = batch
+        x = x + 0.01 * torch.randn(x.shape, generator=ctx.generator, device=x.device)
+        loss = ((model(x) - y) ** 2).mean()
+        return loss, {"n": float(x.shape[0])}
+
+    def evaluate(self, model, ctx):
+        return {"val/mse": float(((model(self.x) - self.y) ** 2).mean())}
+
+    def on_epoch_start(self, epoch, model, ctx):
+        self.epochs_started.append(epoch)
+
+    def save_artifacts(self, model, out, summary):
+        self.saved = {k: v.clone() for k, v in model.state_dict().items()}
+        (out / "toy.json").write_text(json.dumps({"steps": summary["steps"]}))
+
+
+def _cfg(*extra: str):
+    base = ["pretrain.train.epochs=3", "pretrain.train.lr=0.2", "pretrain.train.log_every=1",
+            "pretrain.train.progress=false", "pretrain.train.warmup_steps=2"]  # fmt: skip
+    return load_config(overrides=base + list(extra))
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fit_trains_logs_and_writes_artifacts(tmp_path):
+    task = ToyTask()
+    summary = fit(task, _cfg(), tmp_path, section="pretrain")
+    assert summary["steps"] == 24 and summary["epochs"] == 3 and summary["steps_per_epoch"] == 8
+    assert summary["resumed_from"] is None and summary["world_size"] == 1
+    assert task.epochs_started == [0, 1, 2]
+    recs = [r for r in _records(tmp_path) if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, 25))
+    assert recs[-1]["loss"] < 0.2 * recs[0]["loss"]
+    evals = [r for r in _records(tmp_path) if "val/mse" in r]
+    assert len(evals) == 3  # after epochs 1 and 2, and the final one
+    assert summary["evaluation"]["val/mse"] == pytest.approx(evals[-1]["val/mse"])
+    for name in ("config.yaml", "provenance.json", "summary.json", "toy.json"):
+        assert (tmp_path / name).is_file()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000016", "step_00000024"]
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["stage"] == "pretrain" and prov["conventions_version"]
+
+
+def test_param_groups_get_their_lr_scale(tmp_path):
+    task = ToyTask()
+    fit(task, _cfg("pretrain.train.epochs=1", "pretrain.train.schedule=constant",
+                   "pretrain.train.warmup_steps=0"), tmp_path, section="pretrain")  # fmt: skip
+    rec = [r for r in _records(tmp_path) if "lr" in r][-1]
+    assert rec["lr"] == pytest.approx(0.2)  # group 0; group 1 runs at half (checked below)
+    opt_state = torch.load(find_checkpoints(tmp_path)[-1] / "optimizer.bin", weights_only=True)
+    lrs = [g["lr"] for g in opt_state["param_groups"]]
+    assert lrs == pytest.approx([0.2, 0.1])
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    cfg = _cfg("pretrain.train.checkpoint_every=3")
+    ref_task = ToyTask()
+    fit(ref_task, cfg, tmp_path / "ref", section="pretrain")
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        fit(ToyTask(fail_at_step=10), cfg, out, section="pretrain")  # dies mid-epoch 1
+    assert [p.name for p in find_checkpoints(out)][-1] == "step_00000009"
+    task = ToyTask()
+    summary = fit(task, cfg, out, section="pretrain")
+    assert summary["resumed_from"] == 9 and summary["steps"] == 24
+    assert task.epochs_started == [1, 2]  # resumed inside epoch 1
+    for k, v in ref_task.saved.items():
+        assert torch.equal(v, task.saved[k]), k  # bit-exact: same data order, noise, lr
+    assert any(r.get("event") == "resumed" and r["step"] == 9 for r in _records(out))
+
+
+def test_finished_run_is_not_trained_again_and_can_be_extended(tmp_path):
+    cfg = _cfg("pretrain.train.epochs=1")
+    fit(ToyTask(), cfg, tmp_path, section="pretrain")
+    again = fit(ToyTask(), cfg, tmp_path, section="pretrain")
+    assert again["resumed_from"] == 8 and again["steps"] == 8
+    longer = fit(ToyTask(), _cfg("pretrain.train.epochs=2"), tmp_path, section="pretrain")
+    assert longer["resumed_from"] == 8 and longer["steps"] == 16
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    fit(ToyTask(), _cfg("pretrain.train.epochs=1"), tmp_path, section="pretrain")
+    with pytest.raises(ConfigError, match=r"different config \(keys: pretrain.train.lr\)"):
+        fit(ToyTask(), _cfg("pretrain.train.epochs=1", "pretrain.train.lr=0.1"), tmp_path,
+            section="pretrain")  # fmt: skip
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    ck = tmp_path / "checkpoints"
+    (ck / ".step_00000010.tmp").mkdir(parents=True)
+    (ck / "step_00000012").mkdir()  # no loop_state.json: a save that did not finish
+    (ck / "step_00000004").mkdir()
+    (ck / "step_00000004" / "loop_state.json").write_text("{}")
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    s = fit(ToyTask(), _cfg("pretrain.train.epochs=1", "pretrain.train.grad_accum=2"), tmp_path,
+            section="pretrain")  # fmt: skip
+    assert s["steps"] == 4 and s["steps_per_epoch"] == 4
+
+
+def test_non_finite_loss_is_an_error(tmp_path):
+    class NaNTask(ToyTask):
+        def train_step(self, model, batch, ctx):
+            loss, logs = super().train_step(model, batch, ctx)
+            return loss * float("nan"), logs
+
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
+        fit(NaNTask(), _cfg(), tmp_path, section="pretrain")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("pretrain.train.lr=0", "lr"), ("pretrain.train.optimizer=adam", "optimizer"),
+     ("pretrain.train.schedule=step", "schedule"), ("pretrain.train.grad_accum=0", "grad_accum"),
+     ("pretrain.train.mixed_precision=fp8", "mixed_precision")],
+)  # fmt: skip
+def test_bad_train_values_name_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=f"pretrain.train.{key}"):
+        fit(ToyTask(), _cfg(override), tmp_path, section="pretrain")
+
+
+def test_too_few_batches_for_accumulation(tmp_path):
+    from clerf.errors import DataError
+
+    with pytest.raises(DataError, match="fewer than train.grad_accum=16"):
+        fit(ToyTask(), _cfg("pretrain.train.grad_accum=16"), tmp_path, section="pretrain")
+
+
+def test_sgd_and_constant_schedule(tmp_path):
+    s = fit(ToyTask(), _cfg("pretrain.train.optimizer=sgd", "pretrain.train.lr=0.01",
+                            "pretrain.train.schedule=constant"), tmp_path,
+            section="pretrain")  # fmt: skip
+    assert s["steps"] == 24
+
+
+def test_lr_lambda_warmup_then_cosine():
+    f = lr_lambda(total_steps=12, warmup_steps=2, schedule="cosine", min_ratio=0.1)
+    assert f(0) == pytest.approx(1 / 3) and f(1) == pytest.approx(2 / 3)
+    assert f(2) == pytest.approx(1.0)
+    assert f(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(12) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    lin = lr_lambda(10, 0, "linear", 0.0)
+    assert lin(5) == pytest.approx(0.5)
+    assert lr_lambda(10, 3, "constant")(9) == 1.0
+    with pytest.raises(ConfigError, match="train.schedule"):
+        lr_lambda(10, 0, "step")
+
+
+def test_skip_does_not_read_skipped_batches_of_a_batch_sampler_loader():
+    from clerf.training import _skip
+
+    reads: list[list[int]] = []
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, idx):
+            reads.append(idx)
+            return torch.tensor(idx)
+
+    batches = [[0, 1], [2, 3], [4, 5]]
+    loader = torch.utils.data.DataLoader(Batches(), batch_size=None, sampler=batches)
+    got = [b.tolist() for b in _skip(loader, 2)]
+    assert got == [[4, 5]] and reads == [[4, 5]]
+    plain = torch.utils.data.DataLoader(list(range(6)), batch_size=2)
+    assert [b.tolist() for b in _skip(plain, 1)] == [[2, 3], [4, 5]]
