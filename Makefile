@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test quickstart lint bench clean
+.PHONY: setup test quickstart lint bench ablation clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 quickstart: $(STAMP)
-	$(BIN)/clerf preview --generator procedural --n 16 --out runs/quickstart/preview.png
+	$(BIN)/clerf pipeline configs/quickstart.yaml --out runs/quickstart
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --json runs/bench.json
+
+ablation: $(STAMP)
+	for v in a_hopenet b_6d_geometric c_clerf d_clerf_binned; do \
+		$(BIN)/clerf pipeline configs/ablation/$$v.yaml --out runs/ablation/$$v --no-progress || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV)

@@ -31,7 +31,10 @@ def _time(fn, repeats: int, warmup: int = 3) -> list[float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (``argv`` as on the command line); print it and return the figures:
+    ``{"arch", "size", "head", "threads", "batch", "exporter", "export_s", "max_abs_diff",
+    "runtimes": {name: {"latency_ms", "throughput_img_s"}}}``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     ap.add_argument("--size", type=int, default=64, help="input size (pixels)")
@@ -40,7 +43,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20, help="timed calls at batch 1")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batch-repeats", type=int, default=5, help="timed calls at --batch")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import onnxruntime as ort
 
@@ -93,6 +96,11 @@ def main() -> None:
     print("|---|---|---|")
     for name, ms, ips in rows:
         print(f"| {name} | {ms:.2f} | {ips:.0f} |")
+    return {"arch": args.arch, "size": args.size, "head": args.head, "threads": args.threads,
+            "batch": args.batch, "exporter": res["exporter"], "export_s": export_s,
+            "max_abs_diff": float(np.abs(R_o - R_t).max()),
+            "runtimes": {name: {"latency_ms": ms, "throughput_img_s": ips}
+                         for name, ms, ips in rows}}
 
 
 if __name__ == "__main__":

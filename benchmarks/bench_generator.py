@@ -107,7 +107,12 @@ def oracle(n: int, seed: int = 0) -> None:
         print(f"{float(phi[i]):>8.1f} {ok:>11.1f} {bad:>12.1f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (``argv`` as on the command line); print it and return the figures.
+
+    Returns ``{"device", "threads", "batch", "train_batch", "rows": [{"px", "generator_img_s",
+    "train_img_s", "ratio"}]}`` (empty for ``--oracle``).
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 128])
@@ -118,10 +123,10 @@ def main() -> None:
     ap.add_argument("--supersample", type=int, default=1)
     ap.add_argument("--oracle", type=int, default=0, metavar="N",
                     help="print the in-plane oracle PSNRs for N rotations instead")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.oracle:
         oracle(args.oracle)
-        return
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -129,10 +134,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device} ({name}), "
           f"{torch.get_num_threads()} CPU threads")  # fmt: skip
     print(f"{'px':>5} {'generator img/s':>16} {'resnet18 train img/s':>21} {'ratio':>6}")
+    rows = []
     for res in args.resolutions:
         g = bench_generator(device, res, args.batch, args.repeats, args.supersample)
         t = bench_resnet18_train(device, res, args.train_batch, args.repeats)
         print(f"{res:>5} {g:>16.1f} {t:>21.1f} {g / t:>6.2f}")
+        rows.append({"px": res, "generator_img_s": g, "train_img_s": t, "ratio": g / t})
+    return {"device": str(device), "threads": torch.get_num_threads(), "batch": args.batch,
+            "train_batch": args.train_batch, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Reports images/s of both (median over rounds) and the overhead ``1 - real / memo
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -47,7 +48,12 @@ def make_store(path: Path, n_triplets: int, res: int, compression: str, seed: in
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (``argv`` as on the command line); print it and return the figures.
+
+    Returns ``{"real_img_s", "memory_img_s", "overhead_pct", "round_overhead_pct",
+    "input_only_img_s", "size", "batch", "workers", "threads", "device"}``.
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=64, help="image size (store and encoder)")
     ap.add_argument("--batch", type=int, default=16, help="triplets per step")
@@ -60,10 +66,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=6, help="steps per round and mode")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="clerf_bench_"))
+    try:
+        return _run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the rendered store
 
+
+def _run(args: argparse.Namespace, tmp: Path) -> dict:
     from accelerate.utils import set_seed
 
     from clerf.config import load_config
@@ -71,7 +84,6 @@ def main() -> None:
     from clerf.training import StepContext
     from triplets.store import TripletDataset, make_loader
 
-    tmp = Path(tempfile.mkdtemp(prefix="clerf_bench_"))
     if args.store:
         store = Path(args.store)
     else:
@@ -163,8 +175,13 @@ def main() -> None:
                               torch.Generator(dev).manual_seed(i))
         n += b["images"].shape[0] * 3
     sync()
-    print(f"input pipeline alone (read + augment): {n / (time.perf_counter() - t):.0f} img/s; "
+    alone = n / (time.perf_counter() - t)
+    print(f"input pipeline alone (read + augment): {alone:.0f} img/s; "
           f"torch threads {torch.get_num_threads()}, workers {args.workers}, device {dev}")
+    return {"real_img_s": mr, "memory_img_s": mm, "overhead_pct": 100 * (1 - mr / mm),
+            "round_overhead_pct": 100 * (1 - statistics.median(ratios)),
+            "input_only_img_s": alone, "size": args.size, "batch": args.batch,
+            "workers": args.workers, "threads": torch.get_num_threads(), "device": str(dev)}
 
 
 if __name__ == "__main__":

@@ -42,13 +42,16 @@ def make_tree(root: Path, n: int, size: int = 450) -> None:
             write_pose_mat(d / f"{subset}_{i}_1_0.mat", *rng.uniform(-60, 60, 3), pt2d=pts)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (``argv`` as on the command line); print it and return the figures:
+    ``{"n", "threads", "scan_img_s", "rows": [{"px", "workers", "img_s", "seconds"}]}``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--repeats", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = ap.parse_args(argv)
 
     import torch
 
@@ -56,7 +59,8 @@ def main() -> None:
     from clerf.data import open_dataset
     from clerf.data.prepare import run_prepare
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "300W_LP"
         t = time.perf_counter()
@@ -80,6 +84,9 @@ def main() -> None:
                 best = min(times)
                 print(f"prepare 300wlp  resolution {res:4d}  workers {w}  "
                       f"{result.num_images / best:7.1f} images/s  ({best:.2f} s, whole stage)")
+                rows.append({"px": res, "workers": w, "img_s": result.num_images / best,
+                             "seconds": best})
+    return {"n": args.n, "threads": args.threads, "scan_img_s": len(ds) / scan, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def image_pool(source: str, res: int, n: int = 48) -> tuple[np.ndarray, str]:
     return synthetic_faces(n, res), "synthetic face-like images"
 
 
-def bench(args: argparse.Namespace) -> None:
+def bench(args: argparse.Namespace) -> list[dict]:
+    """Print the table; return its rows ``{"px", "compression", "write_img_s", "read_img_s",
+    "mb_per_1k_triplets", "source"}``."""
     t = args.triplets
     n = 3 * t
     chunk = 96
@@ -74,6 +76,7 @@ def bench(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()}")
     print(f"{'px':>4} {'compression':>11} {'write img/s':>12} {'read img/s':>11} "
           f"{'MB / 1k triplets':>17}  source")
+    rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         for res in args.resolutions:
             pool, what = image_pool(args.source, res)
@@ -102,10 +105,16 @@ def bench(args: argparse.Namespace) -> None:
                 del it, loader
                 print(f"{res:>4} {comp:>11} {n / wt:>12.0f} {got / rt:>11.0f} "
                       f"{size_mb:>17.1f}  {what}", flush=True)
+                rows.append({"px": res, "compression": comp, "write_img_s": n / wt,
+                             "read_img_s": got / rt, "mb_per_1k_triplets": size_mb,
+                             "source": what})
                 path.unlink()
+    return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (``argv`` as on the command line); print it and return the figures:
+    ``{"triplets", "batch", "workers", "threads", "rows": bench(...)}``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--triplets", type=int, default=1000)
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128])
@@ -113,7 +122,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tmp", default=None, help="folder for the temporary stores")
-    bench(p.parse_args())
+    args = p.parse_args(argv)
+    rows = bench(args)
+    return {"triplets": args.triplets, "batch": args.batch, "workers": args.workers,
+            "threads": torch.get_num_threads(), "rows": rows}
 
 
 if __name__ == "__main__":

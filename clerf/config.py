@@ -430,12 +430,46 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
         raise ConfigError(_describe(exc, "command-line override")) from exc
 
 
+def _load_yaml(p: Path) -> DictConfig:
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as exc:  # yaml errors come in several types
+        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
+    return loaded
+
+
+def _load_chain(p: Path) -> list[tuple[Path, DictConfig]]:
+    """The file and the files it builds on (``base: other.yaml``, relative to the file), base
+    first, so that an experiment can state only how it differs from another."""
+    chain: list[tuple[Path, DictConfig]] = []
+    seen: set[Path] = set()
+    while True:
+        if p.resolve() in seen:
+            raise ConfigError(f"{p}: 'base' files form a cycle")
+        seen.add(p.resolve())
+        loaded = _load_yaml(p)
+        base = loaded.pop("base", None)
+        chain.append((p, loaded))
+        if base is None:
+            return chain[::-1]
+        if not isinstance(base, str):
+            raise ConfigError(f"{p}: key 'base': expected a path to another YAML file")
+        p = p.parent / base
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     schema: type = ExperimentConfig,
 ) -> DictConfig:
     """Load a YAML config (or the defaults when ``path`` is None), validate it, apply overrides.
+
+    A file may start from another one with ``base: other.yaml`` (relative to the file); its keys
+    then override the base's.
 
     Returns a read-only, typed ``DictConfig`` (attribute access, ``OmegaConf.to_yaml`` works).
 
@@ -444,16 +478,8 @@ def load_config(
     """
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = OmegaConf.load(p)
-        except Exception as exc:  # yaml errors come in several types
-            raise ConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from exc
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
-        cfg = _merge(cfg, loaded, str(p))
+        for p, loaded in _load_chain(Path(path)):
+            cfg = _merge(cfg, loaded, str(p))
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "command-line override")
     try:

@@ -79,7 +79,26 @@ def test_resolved_config_round_trips_and_provenance(tmp_path):
     assert json.loads(info["config_json"])["seed"] == 11
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)
     load_config(path)
+
+
+def test_base_files_are_merged_under_the_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nseed: 1\ngenerator:\n  resolution: 32\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    child = sub / "child.yaml"
+    child.write_text("base: ../base.yaml\nname: child\n")
+    cfg = load_config(child, ["seed=5"])
+    assert (cfg.name, cfg.seed, cfg.generator.resolution) == ("child", 5, 32)
+    (sub / "bad.yaml").write_text("base: ../nope.yaml\n")
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(sub / "bad.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "typo.yaml").write_text("base: base.yaml\ngenerator:\n  resolutoin: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: key 'generator.resolutoin'"):
+        load_config(tmp_path / "typo.yaml")

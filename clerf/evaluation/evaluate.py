@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clerf.config import EvaluateConfig
 from clerf.errors import ConfigError, DataError
 from clerf.evaluation.metrics import SampleErrors, compute_errors, merge, summarize
 from clerf.evaluation.protocols import (
-    DEFAULT_ROTATED_ANGLES,
     PROTOCOLS,
     EvalSource,
     GeneratorSource,
@@ -52,29 +52,9 @@ Predictor = Callable[[Tensor], Tensor]
 
 
 @dataclass
-class EvaluateOptions:
-    """What to evaluate and how (mirrors :class:`clerf.config.EvaluateConfig`)."""
-
-    protocols: list[str] = field(default_factory=lambda: ["standard"])
-    rotated_angles: list[float] = field(default_factory=lambda: list(DEFAULT_ROTATED_ANGLES))
-    #: samples read per step (memory / I/O only: results do not depend on it)
-    batch_size: int = 64
-    #: the fixed batch shape of every model call (the last chunk is padded)
-    model_batch: int = 32
-    #: evaluate only the first N stored samples (0 = all)
-    max_samples: int = 0
-    #: Euler MAE is reported over samples with true |pitch|, |roll| <= this (deg)
-    euler_range_deg: float = 99.0
-    full_range_n: int = 512
-    full_range_seed: int = 0
-    full_range_generator: str = "procedural"
-    full_range_params: dict[str, Any] = field(default_factory=dict)
-    #: render size of the full-range images (0 = the model's input size)
-    full_range_resolution: int = 0
-    #: a stored full-range set instead of rendering one
-    full_range_store: str = ""
-    figures: bool = True
-    cpu: bool = False
+class EvaluateOptions(EvaluateConfig):
+    """What to evaluate and how: the ``evaluate`` config section (one schema,
+    :class:`clerf.config.EvaluateConfig`) plus its checks."""
 
     @classmethod
     def from_config(cls, section: Any) -> EvaluateOptions:

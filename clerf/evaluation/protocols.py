@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from clerf.augment import GeometricParams, compose_rotation, warp_images
+from clerf.config import EvaluateConfig
 from clerf.errors import ConfigError
 from clerf.geometry import check_rotation, random_rotation
 
@@ -50,8 +51,7 @@ __all__ = [
 #: protocol names accepted by ``--protocol``
 PROTOCOLS: tuple[str, ...] = ("standard", "rotated", "flipped", "full_range")
 #: the default in-plane sweep (degrees, clockwise on screen)
-DEFAULT_ROTATED_ANGLES: tuple[float, ...] = (-90.0, -60.0, -30.0, -15.0, 15.0, 30.0, 60.0, 90.0,
-                                             180.0)
+DEFAULT_ROTATED_ANGLES: tuple[float, ...] = tuple(EvaluateConfig().rotated_angles)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""``clerf pipeline``: the stages chained in one directory, skipping what is complete."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from clerf.cli import main
+from clerf.config import load_config
+from clerf.pipeline import first_difference, run_pipeline, stage_configs
+
+# A seconds-scale pipeline: 32 px images, a handful of steps per stage.
+TINY = [
+    "generator.resolution=32", "encoder.input_size=32", "triplets.count=12",
+    "pipeline.test_count=6", "store.chunk_images=18",
+    "pretrain.val_size=12", "pretrain.train.batch_size=6", "pretrain.train.epochs=1",
+    "finetune.train.batch_size=12", "finetune.train.epochs=1",
+    "evaluate.protocols=[standard,rotated,full_range]", "evaluate.rotated_angles=[90]",
+    "evaluate.full_range_n=8", "evaluate.model_batch=8", "evaluate.figures=false",
+]
+
+
+def _cfg(*extra: str):
+    return load_config("configs/quickstart.yaml", [*TINY, *extra])
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
+    out = tmp_path / "run"
+    logs: list[str] = []
+    result = run_pipeline(_cfg(), out, progress=False, log=logs.append)
+    for path in ("config.yaml", "data/train.h5", "data/test.h5", "pretrain/encoder",
+                 "pretrain/summary.json", "finetune/model", "finetune/config.yaml",
+                 "evaluate/report.json", "evaluate/report.md", "results.md", "timings.json"):
+        assert (out / path).exists(), path
+    report = result["report"]
+    assert [m["name"] for m in report["models"]] == ["quickstart"]
+    assert set(report["models"][0]["results"]) == {"standard", "rotated", "full_range"}
+    # the held-out store is another seed: the evaluation never sees training identities
+    assert report["data"]["path"].endswith("test.h5")
+    table = (out / "results.md").read_text()
+    assert "| quickstart | standard | 18 |" in table and "full_range" in table
+    # the fine-tune stage started from the pretrained encoder
+    ft_cfg = (out / "finetune" / "config.yaml").read_text()
+    assert str(out / "pretrain") in ft_cfg
+
+    logs.clear()
+    run_pipeline(_cfg(), out, progress=False, log=logs.append)
+    skipped = [line for line in logs if "skipped" in line]
+    assert len(skipped) == 5, logs  # two stores, pretrain, finetune, evaluate
+
+    # a changed fine-tune setting: generate and pretrain are still valid, finetune is not
+    with pytest.raises(Exception, match=r"finetune was made from another config \(finetune"):
+        run_pipeline(_cfg("finetune.train.lr=0.123"), out, progress=False, log=logs.append)
+    # a changed generator invalidates the stores, with the key named
+    with pytest.raises(Exception, match=r"generated from another config \(.*resolution"):
+        run_pipeline(_cfg("generator.resolution=40"), out, progress=False, log=logs.append)
+
+
+def test_stage_configs_connect_the_paths(tmp_path):
+    sc = stage_configs(_cfg(), tmp_path)
+    assert sc["pretrain"].pretrain.train_store == str(tmp_path / "data" / "train.h5")
+    assert sc["finetune"].finetune.val_store == str(tmp_path / "data" / "test.h5")
+    assert sc["finetune"].finetune.encoder == str(tmp_path / "pretrain")
+    assert sc["generate_test"].seed == 1000 and sc["generate_test"].triplets.count == 6
+    no_pre = stage_configs(_cfg("pipeline.stages=[generate,finetune,evaluate]"), tmp_path)
+    assert no_pre["finetune"].finetune.encoder is None  # a fresh encoder
+    shared = stage_configs(_cfg(f"pipeline.data_dir={tmp_path / 'shared'}"), tmp_path)
+    assert shared["train_store"] == tmp_path / "shared" / "train.h5"
+
+
+def test_first_difference_names_the_key_and_ignores_run_only_keys():
+    a = {"x": {"lr": 1.0, "progress": True}, "seed": 0}
+    assert first_difference(a, {"x": {"lr": 1.0, "progress": False}, "seed": 0}) is None
+    assert first_difference(a, {"x": {"lr": 2.0, "progress": True}, "seed": 0}) == \
+        "x.lr: 1.0 then, 2.0 now"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["pipeline", "configs/quickstart.yaml", "--out", str(tmp_path / "o"),
+                 "pipeline.stages=[generate,fly]"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage(s) ['fly']" in err and "Traceback" not in err
+    (tmp_path / "file").write_text("x")
+    assert main(["pipeline", "configs/quickstart.yaml", "--out", str(tmp_path / "file")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["pipeline", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_evaluate_without_a_model_is_a_clear_error(tmp_path, capsys):
+    code = main(["pipeline", "configs/quickstart.yaml", "--out", str(tmp_path / "o"),
+                 "pipeline.stages=[evaluate]", *TINY])
+    assert code == 1
+    assert "no model at" in capsys.readouterr().err
