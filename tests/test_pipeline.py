@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from clerf.cli import main
