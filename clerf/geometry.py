@@ -59,6 +59,7 @@ __all__ = [
     "bin_centers",
     "angle_to_bin",
     "decode_bins",
+    "decode_bins_circular",
 ]
 
 
@@ -531,3 +532,18 @@ def decode_bins(logits: Tensor, spec: BinSpec = HOPENET_BINS) -> Tensor:
     centers = bin_centers(spec, dtype=logits.dtype, device=logits.device)
     return torch.softmax(logits, dim=-1) @ centers
 
+
+def decode_bins_circular(logits: Tensor, spec: BinSpec) -> Tensor:
+    """Circular mean (degrees) of the bin centres under ``softmax(logits)``, ``(...)``.
+
+    ``atan2(sum_i p_i sin c_i, sum_i p_i cos c_i)``, returned in ``[spec.start, spec.start + 360)``.
+    Unlike the plain expectation this has no seam: probability split between the first and last
+    bins of a [-180, 180) head decodes near +-180 deg, not near 0.
+    """
+    if logits.shape[-1] != spec.num_bins:
+        raise ValueError(f"decode_bins_circular: expected {spec.num_bins} logits, "
+                         f"got {logits.shape[-1]}")
+    c = torch.deg2rad(bin_centers(spec, dtype=logits.dtype, device=logits.device))
+    p = torch.softmax(logits, dim=-1)
+    angle = torch.rad2deg(torch.atan2(p @ torch.sin(c), p @ torch.cos(c)))
+    return torch.remainder(angle - spec.start, 360.0) + spec.start
