@@ -52,9 +52,10 @@ def test_uniform_so3_is_haar():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    p=st.tuples(st.floats(-170, 170), st.floats(0, 20)),
+    # boxes stay inside (-180, 180): at +-180 the decomposition may report the other end
+    p=st.tuples(st.floats(-170, 150), st.floats(0, 20)),
     y=st.tuples(st.floats(-85, 85), st.floats(0, 5)),
-    r=st.tuples(st.floats(-170, 170), st.floats(0, 20)),
+    r=st.tuples(st.floats(-170, 150), st.floats(0, 20)),
     seed=st.integers(0, 1000),
 )
 def test_euler_box_stays_in_box(p, y, r, seed):
