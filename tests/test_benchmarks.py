@@ -78,7 +78,9 @@ def test_run_all_quick_prints_every_figure_numeric(tmp_path):
     for section, figure, unit in QUICK_FIGURES:
         assert (section, figure) in got, f"missing row {section} / {figure}:\n{proc.stdout}"
         value = float(got[section, figure][2])  # numeric, or ValueError
-        assert math.isfinite(value) and value >= 0, (figure, value)
+        assert math.isfinite(value), (figure, value)
+        # an overhead (%) is a difference of two noisy timings and may come out negative
+        assert unit == "%" or value >= 0, (figure, value)
         assert got[section, figure][3] == unit, (figure, got[section, figure][3])
     # the two export rows whose names carry run details (exporter, size) and the ratios
     assert any(r[0] == "export" and r[1].startswith("ONNX export (") for r in rows)
