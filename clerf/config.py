@@ -216,9 +216,10 @@ class PretrainConfig:
     """The contrastive stage (``clerf pretrain``)."""
 
     #: triplet store (HDF5, ``clerf generate``) to train on
-    train_store: str = ""
-    #: store (any kind) for the nearest-neighbour pose-retrieval check; "" = skip the check
-    val_store: str = ""
+    train_store: str | None = ""
+    #: store (any kind) for the nearest-neighbour pose-retrieval check; "" or null = skip it
+    #: (``str | None`` so that an empty command-line override, ``pretrain.val_store=``, works)
+    val_store: str | None = ""
     #: number of held-out images used by the check (first ones of the store)
     val_size: int = 512
     #: apply a fixed, seeded geometric augmentation to the held-out images (full-range check)

@@ -88,7 +88,7 @@ def embed_images(encoder: nn.Module, images: Tensor, batch_size: int = 256) -> T
     return torch.cat(outs)
 
 
-def _check_store_path(value: str, key: str) -> Path:
+def _check_store_path(value: str | None, key: str) -> Path:
     if not value:
         raise ConfigError(f"{key}: no store given (set {key}=PATH to a store from clerf generate)")
     p = Path(value)

@@ -102,3 +102,8 @@ def test_base_files_are_merged_under_the_file(tmp_path):
     (tmp_path / "typo.yaml").write_text("base: base.yaml\ngenerator:\n  resolutoin: 3\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: key 'generator.resolutoin'"):
         load_config(tmp_path / "typo.yaml")
+
+
+def test_empty_store_overrides_mean_none():
+    cfg = load_config(None, ["pretrain.val_store=", "finetune.encoder="])
+    assert cfg.pretrain.val_store is None and cfg.finetune.encoder is None
