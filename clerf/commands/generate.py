@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clerf.commands._args import intermixed
+from clerf.commands._args import add_output_args, check_resume_overwrite
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -24,25 +24,16 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         "config", metavar="CONFIG", help="experiment YAML (e.g. configs/generate_small.yaml)"
     )
     p.add_argument("--out", required=True, metavar="PATH", help="the .h5 store to write")
-    p.add_argument("--resume", action="store_true", help="continue a partial store")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="config overrides, e.g. triplets.count=100 triplets.delta=45 store.compression=lzf",
-    )
-    intermixed(p)
+    add_output_args(p, "triplets.count=100 triplets.delta=45 store.compression=lzf")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from clerf.config import load_config
-    from clerf.errors import UsageError
     from triplets.generate import run_generate
     from triplets.store import open_store
 
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
+    check_resume_overwrite(args)
     cfg = load_config(args.config, args.overrides)
     out = run_generate(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                        progress=not args.no_progress)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from clerf.commands._args import add_output_args, check_resume_overwrite
+
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
@@ -36,17 +38,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--skip-bad", action="store_true",
         help="skip bad files (missing .mat, unreadable image...) with a counted warning",
     )
-    p.add_argument("--resume", action="store_true", help="continue a partial store")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="config overrides, e.g. prepare.max_abs_angle=null store.compression=lzf",
-    )
-    # key=value overrides may follow the options (shared helper of the generate command)
-    from clerf.commands._args import intermixed
-
-    intermixed(p)
+    add_output_args(p, "prepare.max_abs_angle=null store.compression=lzf")
     p.set_defaults(func=run)
 
 
@@ -56,10 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     from clerf.config import load_config
     from clerf.data.prepare import describe, run_prepare
-    from clerf.errors import ConfigError, UsageError
+    from clerf.errors import ConfigError
 
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
+    check_resume_overwrite(args)
     cfg = load_config(args.config, args.overrides)
     # Flags are merged as values (not parsed as dotted strings): paths may hold any character.
     flags: dict[str, Any] = {"dataset": args.dataset, "root": args.root}

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from clerf.commands._args import add_output_args, check_resume_overwrite
+
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
@@ -22,26 +24,17 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("real_store", metavar="REAL_STORE", help="labelled store (clerf prepare)")
     p.add_argument("--out", required=True, metavar="PATH", help="the triplet store to write")
     p.add_argument("--config", metavar="YAML", default=None, help="experiment config (optional)")
-    p.add_argument("--resume", action="store_true", help="continue partial renders")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="config overrides, e.g. generator.name=procedural triplets.delta=30",
-    )
-    from clerf.commands._args import intermixed
-
-    intermixed(p)
+    add_output_args(p, "generator.name=procedural triplets.delta=30",
+                    resume_help="continue partial renders",
+                    overwrite_help="replace existing outputs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from clerf.config import load_config
     from clerf.data.real_anchor import run_real_anchor
-    from clerf.errors import UsageError
 
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
+    check_resume_overwrite(args)
     cfg = load_config(args.config, args.overrides)
     bar = None
     if not args.no_progress:
