@@ -48,7 +48,8 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # the bench_* modules, when imported from elsewhere (tests)
     sys.path.insert(0, str(BENCH))
 
-SECTIONS = ("generator", "input_pipeline", "store", "export", "prepare", "pipeline")
+SECTIONS = ("generator", "input_pipeline", "streaming", "store", "export", "prepare",
+            "pipeline")
 
 #: the quickstart made tiny for --quick (same config and stages, 32 px, a few steps per stage)
 QUICK_PIPELINE = [
@@ -118,6 +119,27 @@ def sec_input_pipeline(o: argparse.Namespace) -> list[Row]:
         Row(s, "input pipeline overhead", r["overhead_pct"], "%", "<= 10"),
         Row(s, "input pipeline alone (read + augment)", r["input_only_img_s"], "img/s"),
     ]
+
+
+def sec_streaming(o: argparse.Namespace) -> list[Row]:
+    import bench_streaming
+
+    argv = ["--device", o.device, "--threads", str(o.threads)]
+    if o.quick:
+        argv += ["--size", "32", "--batch", "4", "--rounds", "1", "--steps", "1"]
+    r = bench_streaming.main(argv)
+    what = f"{r['size']} px, batch {r['batch']}"
+    s = "streaming"
+    return [
+        Row(s, f"fine-tune step, images in memory ({what})", r["memory_img_s"], "img/s"),
+        Row(s, f"fine-tune step, HDF5 store ({what})", r["store_img_s"], "img/s"),
+        Row(s, f"fine-tune step, streamed in process ({what})", r["stream_img_s"], "img/s"),
+        Row(s, f"fine-tune step, streamed in {r['workers']} worker(s) ({what})",
+            r["stream_workers_img_s"], "img/s"),
+        Row(s, "store overhead", r["store_overhead_pct"], "%"),
+        Row(s, "streaming overhead, in process", r["stream_overhead_pct"], "%", "<= 10"),
+        Row(s, "streaming overhead, in workers", r["stream_workers_overhead_pct"], "%", "<= 10"),
+    ]  # fmt: skip
 
 
 def sec_store(o: argparse.Namespace) -> list[Row]:
@@ -207,6 +229,7 @@ def sec_pipeline(o: argparse.Namespace) -> list[Row]:
 RUNNERS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "generator": sec_generator,
     "input_pipeline": sec_input_pipeline,
+    "streaming": sec_streaming,
     "store": sec_store,
     "export": sec_export,
     "prepare": sec_prepare,

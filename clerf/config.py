@@ -212,6 +212,31 @@ class LossConfig:
 
 
 @dataclass
+class StreamConfig:
+    """Training data rendered on the fly by the ``generator`` section instead of read from
+    ``train_store`` (``clerf/streaming.py``): every batch fresh, a batch depends only on
+    ``(seed, step, rank)``. Poses (and, for pretraining, the triplet rules) come from the
+    ``triplets`` section."""
+
+    #: true: stream from the generator; false: read ``train_store``
+    enabled: bool = False
+    #: pose sampler of the streamed data: "" = ``triplets.poses``; or ``uniform``, ``euler_box``,
+    #: ``lookat`` with the ``triplets`` section's ranges (e.g. a full-range stream beside an
+    #: upright held-out store)
+    poses: str = ""
+    #: generator parameters of the stream, over ``generator.params`` (e.g. another style than
+    #: the stores of the same pipeline)
+    generator_params: dict[str, Any] = field(default_factory=dict)
+    #: samples per epoch over all processes (images for fine-tuning, triplets for pretraining);
+    #: sets the evaluation and checkpoint cadence, never repeats data
+    epoch_size: int = 8192
+    #: held-out images rendered once when no ``val_store`` is given (0 = none)
+    val_size: int = 512
+    #: the held-out set's generator seed is ``seed + val_seed_offset`` (other identities)
+    val_seed_offset: int = 1_000_003
+
+
+@dataclass
 class PretrainConfig:
     """The contrastive stage (``clerf pretrain``)."""
 
@@ -224,6 +249,8 @@ class PretrainConfig:
     val_size: int = 512
     #: apply a fixed, seeded geometric augmentation to the held-out images (full-range check)
     val_augment: bool = True
+    #: render the training triplets on the fly instead of reading ``train_store``
+    stream: StreamConfig = field(default_factory=StreamConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -245,7 +272,8 @@ class HeadBinsConfig:
 class HeadConfig:
     """Pose head on top of the encoder (``clerf/models/heads.py``)."""
 
-    #: ``binned`` (HopeNet multi-loss Euler bins), ``rotation6d`` (6D + Gram-Schmidt), ``both``
+    #: ``binned`` (HopeNet multi-loss Euler bins), ``rotation6d`` (6D + Gram-Schmidt), ``both``,
+    #: or ``sphere`` (up and nose directions classified over a grid on the sphere)
     type: str = "binned"
     bins: HeadBinsConfig = field(default_factory=HeadBinsConfig)
     #: weight of the MSE (deg^2) of the softmax expectation next to the cross-entropy (HopeNet's
@@ -255,6 +283,12 @@ class HeadConfig:
     decode: str = "auto"
     #: hidden width of the 6D head's MLP; 0 = a single linear layer
     hidden: int = 256
+    #: the 6D head's loss: ``geodesic`` (6DRepNet: the angle, radians) or ``chordal`` (squared
+    #: Frobenius distance of the matrices; smooth at 180 deg, where full-range training starts)
+    loss: str = "geodesic"
+    #: ``sphere`` head: grid directions per axis and the soft-target kernel width (deg)
+    sphere_points: int = 512
+    sphere_sigma_deg: float = 8.0
     #: loss weights when ``type: both``
     binned_weight: float = 1.0
     rotation6d_weight: float = 1.0
@@ -276,7 +310,8 @@ class FinetuneConfig:
     val_fraction: float = 0.0
     #: at most this many held-out images are evaluated each epoch (0 = all)
     val_max_images: int = 1024
-    #: encoder to start from: a pretrain output directory or a saved encoder directory;
+    #: encoder to start from: a pretrain output directory, a saved encoder directory, or a
+    #: fine-tune output (its model's encoder, head dropped: supervised pretraining);
     #: null/empty (``finetune.encoder=`` on the command line) = a fresh encoder from the
     #: ``encoder`` section
     encoder: str | None = None
@@ -293,6 +328,8 @@ class FinetuneConfig:
     #: an ``error``; dropped and resampled samples are counted in the logs
     out_of_range: str = "drop"
     resample_tries: int = 3
+    #: render the training images on the fly instead of reading ``train_store``
+    stream: StreamConfig = field(default_factory=StreamConfig)
     #: on-device augmentation; a smaller in-plane range than pretraining by default, because the
     #: default head (HopeNet bins) only covers [-99, 99) deg
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(inplane_deg=30.0))

@@ -132,8 +132,27 @@ def _open_labelled(path: str | None, key: str):
     return LabelledDataset(p)
 
 
+def _head_pose_model_dir(src: str) -> Path | None:
+    """The saved ``HeadPoseModel`` directory of ``src`` (a ``clerf finetune`` output or its
+    ``model/``), or None when ``src`` is not one (an encoder or pretrain output)."""
+    p = Path(src)
+    for d in (p, p / "model"):
+        cfg = d / "config.json"
+        if cfg.is_file():
+            try:
+                kind = json.loads(cfg.read_text()).get("kind")
+            except (OSError, ValueError):
+                return None
+            from clerf.models.pose_model import MODEL_KIND
+
+            return d if kind == MODEL_KIND else None
+    return None
+
+
 def _store_info(dataset: Any) -> dict[str, Any]:
     """What the model should remember about its training data (crop protocol, source)."""
+    if hasattr(dataset, "describe") and not hasattr(dataset, "store"):
+        return dataset.describe()  # a stream (clerf.streaming)
     store = getattr(dataset, "store", None) or getattr(getattr(dataset, "dataset", None),
                                                       "store", None)  # fmt: skip
     if store is None:
@@ -224,13 +243,23 @@ class FinetuneTask(Task):
         self.policy = str(fc.out_of_range)
         self.keep_frozen = tuple(str(p) for p in fc.freeze)
 
-        if train_data is None:
+        streaming = train_data is None and bool(fc.stream.enabled)
+        if streaming:
+            from clerf.streaming import build_stream
+
+            train_data = build_stream(cfg, "finetune")
+        elif train_data is None:
             train_data = _open_labelled(fc.train_store, "finetune.train_store")
         self.data_info = _store_info(train_data)
-        if val_data is None and fc.val_store:
+        if val_data is None and streaming and not fc.val_store and int(fc.stream.val_size):
+            from clerf.streaming import held_out_labelled
+
+            val_data = held_out_labelled(cfg, int(fc.stream.val_size),
+                                         int(fc.stream.val_seed_offset))  # fmt: skip
+        elif val_data is None and fc.val_store:
             val_ds = _open_labelled(fc.val_store, "finetune.val_store")
             val_data = self._read_val(val_ds, 0, len(val_ds))
-        elif val_data is None and float(fc.val_fraction) > 0:
+        elif val_data is None and float(fc.val_fraction) > 0 and not streaming:
             n = len(train_data)
             n_val = int(round(n * float(fc.val_fraction)))
             if n_val < 2 or n - n_val < 1:
@@ -292,7 +321,13 @@ class FinetuneTask(Task):
         from clerf.models.encoder import resolve_encoder_dir
         from clerf.models.io import read_model_config
 
-        meta = read_model_config(resolve_encoder_dir(src), ENCODER_KIND)
+        model_dir = _head_pose_model_dir(src)
+        if model_dir is not None:  # a fine-tune output: start from its model's encoder
+            from clerf.models.pose_model import MODEL_KIND
+
+            meta = read_model_config(model_dir, MODEL_KIND).get("encoder", {})
+        else:
+            meta = read_model_config(resolve_encoder_dir(src), ENCODER_KIND)
         try:
             return EncoderSpec.from_config(meta)
         except (ConfigError, TypeError) as exc:
@@ -310,7 +345,10 @@ class FinetuneTask(Task):
 
     def build_model(self) -> HeadPoseModel:
         src = self.cfg.finetune.encoder or ""
-        if src:
+        if src and _head_pose_model_dir(src) is not None:
+            # supervised pretraining: the encoder of an earlier fine-tune (its head is dropped)
+            encoder = HeadPoseModel.from_pretrained(src).encoder.train()
+        elif src:
             encoder = Encoder.from_pretrained(src)
         else:
             try:
@@ -347,19 +385,13 @@ class FinetuneTask(Task):
         return groups
 
     def train_loader(self, ctx: StepContext):
-        from triplets.store import make_loader
+        from clerf.streaming import make_training_loader
 
         tc = ctx.train_cfg
-        if len(self.train_data) < int(tc.batch_size) * ctx.world_size:
-            raise DataError(
-                f"finetune.train_store: {len(self.train_data)} training images are fewer than one "
-                f"batch (finetune.train.batch_size={tc.batch_size} x {ctx.world_size} "
-                "process(es))"
-            )
-        return make_loader(
-            self.train_data, int(tc.batch_size), shuffle=True, seed=ctx.seed,
-            num_workers=int(tc.num_workers), rank=ctx.rank, world_size=ctx.world_size,
-            drop_last=True, pin_memory=ctx.device.type == "cuda",
+        return make_training_loader(
+            self.train_data, int(tc.batch_size), seed=ctx.seed, num_workers=int(tc.num_workers),
+            rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda",
+            device=ctx.device, what="finetune.train_store",
         )  # fmt: skip
 
     def on_epoch_start(self, epoch: int, model: nn.Module, ctx: StepContext) -> None:
@@ -437,10 +469,26 @@ class FinetuneTask(Task):
     def evaluate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         if self.val_images is None:
             return {}
+        from clerf.evaluation.probe import probe_features
+
         R = self.predict_val(model)
         res = {f"val/{k}": v for k, v in evaluate_rotations(R, self.val_rotations).items()}
         res["val/chance_geodesic_deg"] = self.chance_deg
+        # the encoder alone: kNN pose retrieval and a linear probe on its frozen features
+        feats = self.val_features(model)
+        res.update({f"val/features_{k}": v for k, v in
+                    probe_features(feats, self.val_rotations).items()})  # fmt: skip
         return res
+
+    @torch.no_grad()
+    def val_features(self, model: HeadPoseModel, batch_size: int = 128) -> Tensor:
+        """Encoder features ``(N, F)`` of the held-out images (no augmentation)."""
+        device = next(model.parameters()).device
+        outs = []
+        for i in range(0, self.val_images.shape[0], batch_size):
+            x = to_float_images(self.val_images[i:i + batch_size].to(device), self.input_size)
+            outs.append(model.encoder.features(x).float().cpu())
+        return torch.cat(outs)
 
     def save_artifacts(self, model: nn.Module, out: Path, summary: dict[str, Any]) -> None:
         fc = self.cfg.finetune

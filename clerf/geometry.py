@@ -18,6 +18,7 @@ Conventions (see ``shared/CONVENTIONS.md``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,6 +38,7 @@ __all__ = [
     "euler_from_rotation",
     "rotation_from_6d",
     "sixd_from_rotation",
+    "nearest_rotation",
     "geodesic_distance",
     "geodesic_error",
     "hflip_rotation",
@@ -46,10 +48,13 @@ __all__ = [
     "split_camera_inplane",
     "lookat_rotation",
     "random_rotation",
+    "fibonacci_sphere",
+    "rotation_from_axes",
     "sample_euler_box",
     "check_rotation",
     "is_rotation",
     "image_axes",
+    "view_angles",
     "wrap_degrees",
     "euler_abs_error",
     "euler_mae",
@@ -208,6 +213,18 @@ def sixd_from_rotation(R: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- distances
 
 
+def nearest_rotation(M: Tensor) -> Tensor:
+    """The rotation closest to ``M`` ``(..., 3, 3)`` in Frobenius norm (SVD, ``det = +1``).
+
+    ``U diag(1, 1, det(U V^T)) V^T`` for ``M = U S V^T`` (the orthogonal Procrustes solution
+    restricted to SO(3)); exact for a rotation.
+    """
+    U, _, Vh = torch.linalg.svd(M)
+    d = torch.det(U @ Vh)
+    D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], dim=-1))
+    return U @ D @ Vh
+
+
 def geodesic_distance(R1: Tensor, R2: Tensor) -> Tensor:
     """Angle of ``R1.T @ R2`` in degrees, ``(...)``, in ``[0, 180]``.
 
@@ -328,7 +345,48 @@ def image_axes(R: Tensor) -> Tensor:
     return torch.stack([R[..., :, 0], -R[..., :, 1]], dim=-1)
 
 
+def view_angles(R: Tensor) -> tuple[Tensor, Tensor]:
+    """How far a pose is from upright and from frontal, in degrees: ``(tilt, facing)``.
+
+    ``tilt``: angle between the head's up axis (row 1 of ``R``) and the image's up direction:
+    0 = upright, 90 = lying on its side, 180 = upside-down (``acos(R[1, 1])``). ``facing``:
+    angle between the nose axis (row 2) and the direction toward the camera: 0 = frontal,
+    90 = profile, 180 = the back of the head (``acos(R[2, 2])``). ``tilt`` does not change when
+    the head turns about its own up axis; ``facing`` does not change under in-plane image
+    rotation (``R -> R @ Rz(phi)``).
+    """
+    tilt = torch.rad2deg(torch.acos(R[..., 1, 1].clamp(-1.0, 1.0)))
+    facing = torch.rad2deg(torch.acos(R[..., 2, 2].clamp(-1.0, 1.0)))
+    return tilt, facing
+
+
 # --------------------------------------------------------------------------- sampling & checks
+
+
+def fibonacci_sphere(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """``(n, 3)`` unit vectors spread almost evenly over the sphere (the Fibonacci lattice:
+    equal-area latitude bands, golden-angle longitudes); neighbours are about
+    ``sqrt(4 pi / n)`` rad apart. Deterministic."""
+    if n < 1:
+        raise ValueError(f"fibonacci_sphere: n must be >= 1, got {n}")
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    polar = torch.acos(1.0 - 2.0 * i / n)
+    azimuth = math.pi * (1.0 + math.sqrt(5.0)) * i
+    pts = torch.stack([torch.cos(azimuth) * torch.sin(polar), torch.sin(azimuth) * torch.sin(polar),
+                       torch.cos(polar)], dim=-1)  # fmt: skip
+    return pts.to(dtype=dtype, device=device)
+
+
+def rotation_from_axes(up: Tensor, nose: Tensor, eps: float = 1e-8) -> Tensor:
+    """The rotation whose rows are the head axes closest to the given up and nose directions
+    (``(..., 3)`` each, any length): the nose is kept, the up direction is made orthogonal to
+    it (Gram-Schmidt) and the right axis is ``up x nose`` (CONVENTIONS: rows = right, up,
+    nose in camera coordinates)."""
+    z = nose / nose.norm(dim=-1, keepdim=True).clamp_min(eps)
+    y = up - (up * z).sum(-1, keepdim=True) * z
+    y = y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
+    x = torch.linalg.cross(y, z, dim=-1)
+    return torch.stack([x, y, z], dim=-2)
 
 
 def random_rotation(

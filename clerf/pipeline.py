@@ -63,6 +63,13 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     return None if old == new else f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"
 
 
+def needs_train_store(cfg: DictConfig) -> bool:
+    """Whether a training stage of the pipeline reads the training store (one that does not
+    stream from the generator)."""
+    return any(name in cfg.pipeline.stages and not cfg[name].stream.enabled
+               for name in ("pretrain", "finetune"))  # fmt: skip
+
+
 def stage_configs(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """The per-stage configs and paths of a pipeline run (pure: creates nothing)."""
     p = cfg.pipeline
@@ -91,7 +98,9 @@ def stage_configs(cfg: DictConfig, out: Path) -> dict[str, Any]:
             cfg,
             {"finetune.train_store": str(train_store), "finetune.val_store": str(test_store),
              "finetune.val_fraction": 0.0,
-             "finetune.encoder": str(pretrain_dir) if use_pretrain else None},
+             # without a pretrain stage: the config's own encoder (null: a fresh one)
+             "finetune.encoder": str(pretrain_dir) if use_pretrain
+             else (cfg.finetune.encoder or None)},
         ),
     }
 
@@ -110,6 +119,8 @@ def _training_state(stage_cfg: DictConfig, directory: Path, artefact: str, name:
     if not saved.exists():
         return "missing"
     keys = STAGE_SECTIONS[name]
+    if stage_cfg[name].stream.enabled:  # the data come from these sections, not from a store
+        keys = (*keys, "generator", "triplets")
     old = {k: v for k, v in to_dict(OmegaConf.load(saved)).items() if k in keys}
     diff = first_difference(old, {k: v for k, v in to_dict(stage_cfg).items() if k in keys})
     if diff:
@@ -153,6 +164,8 @@ def run_pipeline(
     if "generate" in stages:
         t0 = time.perf_counter()
         stores = (("generate_train", sc["train_store"]), ("generate_test", sc["test_store"]))
+        if not needs_train_store(cfg):
+            stores = stores[1:]  # every training stage streams from the generator
         for key, path in stores:
             state = generated_state(sc[key], path)
             if state == "complete":

@@ -36,6 +36,7 @@ from clerf.errors import ConfigError, DataError
 from clerf.geometry import geodesic_distance
 from clerf.losses import build_loss
 from clerf.models.encoder import Encoder, build_encoder
+from clerf.streaming import is_stream
 from clerf.training import StepContext, Task, fit
 
 __all__ = ["PretrainTask", "run_pretrain", "nn_pose_retrieval", "embed_images", "VAL_AUG_SEED"]
@@ -88,6 +89,17 @@ def embed_images(encoder: nn.Module, images: Tensor, batch_size: int = 256) -> T
     return torch.cat(outs)
 
 
+class _Features(nn.Module):
+    """An encoder's backbone features (before the projection) as a module, for embed_images."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder.features(images)
+
+
 def _check_store_path(value: str | None, key: str) -> Path:
     if not value:
         raise ConfigError(f"{key}: no store given (set {key}=PATH to a store from clerf generate)")
@@ -119,6 +131,15 @@ class PretrainTask(Task):
             self.loss = build_loss(pc.loss)
         except ValueError as exc:
             raise ConfigError(f"pretrain: {exc}") from exc
+        if train_data is None and pc.stream.enabled:
+            from clerf.streaming import build_stream
+
+            train_data = build_stream(cfg, "pretrain")
+        if val_data is None and pc.stream.enabled and not pc.val_store and int(pc.stream.val_size):
+            from clerf.streaming import held_out_labelled
+
+            val_data = held_out_labelled(cfg, int(pc.stream.val_size),
+                                         int(pc.stream.val_seed_offset), stage="pretrain")
         if train_data is None:
             from triplets.store import TripletDataset
 
@@ -157,18 +178,13 @@ class PretrainTask(Task):
             raise ConfigError(f"encoder: {exc}") from exc
 
     def train_loader(self, ctx: StepContext):
-        from triplets.store import make_loader
+        from clerf.streaming import make_training_loader
 
         tc = ctx.train_cfg
-        if len(self.train_data) < int(tc.batch_size) * ctx.world_size:
-            raise DataError(
-                f"pretrain.train_store: {len(self.train_data)} triplets are fewer than one batch "
-                f"(train.batch_size={tc.batch_size} x {ctx.world_size} process(es))"
-            )
-        return make_loader(
-            self.train_data, int(tc.batch_size), shuffle=True, seed=ctx.seed,
-            num_workers=int(tc.num_workers), rank=ctx.rank, world_size=ctx.world_size,
-            drop_last=True, pin_memory=ctx.device.type == "cuda",
+        return make_training_loader(
+            self.train_data, int(tc.batch_size), seed=ctx.seed, num_workers=int(tc.num_workers),
+            rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda",
+            device=ctx.device, what="pretrain.train_store",
         )  # fmt: skip
 
     def train_step(self, model: nn.Module, batch: Mapping[str, Any], ctx: StepContext):
@@ -184,15 +200,23 @@ class PretrainTask(Task):
     def evaluate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         if self.val_images is None:
             return {}
+        from clerf.evaluation.probe import probe_features
+
         emb = embed_images(model, self.val_images)
         res = nn_pose_retrieval(emb, self.val_rotations)
+        # the backbone features (what a pose head is trained on): kNN and a linear probe
+        feats = embed_images(_Features(model), self.val_images)
+        res.update({f"features_{k}": v for k, v in
+                    probe_features(feats, self.val_rotations).items()})  # fmt: skip
         return {f"val/{k}": v for k, v in res.items()}
 
     def save_artifacts(self, model: nn.Module, out: Path, summary: dict[str, Any]) -> None:
         pc = self.cfg.pretrain
         training = {
             "stage": "pretrain",
-            "train_store": str(pc.train_store),
+            "train_store": None if is_stream(self.train_data) else str(pc.train_store),
+            "train_data": (self.train_data.describe() if is_stream(self.train_data)
+                           else {"source": "store", "path": str(pc.train_store)}),
             "val_store": str(pc.val_store),
             "steps": summary["steps"],
             "epochs": summary["epochs"],

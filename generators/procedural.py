@@ -140,6 +140,14 @@ _SKIN_RAMP = [(0.24, 0.14, 0.09), (0.45, 0.28, 0.18), (0.68, 0.47, 0.34), (0.86,
               (0.97, 0.82, 0.72)]  # fmt: skip
 _HAIR_COLOURS = [(0.05, 0.04, 0.04), (0.22, 0.13, 0.07), (0.45, 0.30, 0.16), (0.80, 0.66, 0.40),
                  (0.55, 0.20, 0.08), (0.62, 0.62, 0.62), (0.92, 0.92, 0.90), (0.20, 0.25, 0.60)]
+#: ``style="studio"``: another palette, lighting and background family (a second domain, e.g.
+#: a stand-in for real photographs beside the default renders)
+_STUDIO_SKIN_RAMP = [(0.55, 0.40, 0.36), (0.72, 0.55, 0.50), (0.85, 0.70, 0.66),
+                     (0.93, 0.82, 0.80)]  # fmt: skip
+_STUDIO_HAIR_COLOURS = [(0.10, 0.08, 0.07), (0.30, 0.22, 0.15), (0.55, 0.45, 0.32)]
+_STUDIO_BACKDROPS = [(0.20, 0.27, 0.38), (0.45, 0.50, 0.55), (0.62, 0.60, 0.56),
+                     (0.12, 0.12, 0.14)]  # fmt: skip
+STYLES = ("default", "studio")
 _IRIS_COLOURS = [(0.25, 0.14, 0.06), (0.10, 0.07, 0.05), (0.25, 0.42, 0.62), (0.30, 0.45, 0.25),
                  (0.45, 0.47, 0.50)]  # fmt: skip
 
@@ -427,6 +435,38 @@ def _sample_scene(u: Tensor, noise: Tensor, opts: ProceduralHead) -> _Scene:
     occluder = _shape(U, 0.0, 0.45, 0.08, 0.3)
     occluder[:, 0] = U.prob(opts.occluder_prob).to(dt)
 
+    if opts.style == "studio":
+        # Same shapes and camera; another palette (muted skin, natural hair, grey clothes), a
+        # key light from the upper left with a strong fill, and a smooth portrait backdrop.
+        t_skin = (skin.mean(-1) / 0.97).clamp(0, 0.999)
+        studio_skin = _palette(_STUDIO_SKIN_RAMP, t_skin)
+        studio_hair = _choice(_STUDIO_HAIR_COLOURS, (hair.sum(-1) * 7.0) % 1.0,
+                              torch.ones(B, dtype=dt))  # fmt: skip
+        grey = (cloth.mean(-1, keepdim=True) * 0.5).expand(B, 3)
+        for k in range(K):
+            m = int(mat[k])
+            if m == SKIN:
+                albedo[:, k] = studio_skin
+            elif m == HAIR:
+                albedo[:, k] = studio_hair
+            elif m == CLOTH:
+                albedo[:, k] = grey
+            elif m == LIP:
+                albedo[:, k] = studio_skin * torch.tensor([0.85, 0.55, 0.55], dtype=dt)
+        albedo[:, _P["brow_r"]] = albedo[:, _P["brow_l"]] = studio_hair * 0.7
+        light = torch.stack([-0.5 + 0.2 * (bg_a[:, 0] - 0.5), 0.55 + 0.2 * (bg_a[:, 1] - 0.5),
+                             torch.ones(B, dtype=dt)], -1)  # fmt: skip
+        light = light / light.norm(dim=-1, keepdim=True)
+        ambient = 0.45 + 0.1 * (ambient - 0.2) / 0.3
+        diffuse = 0.55 + 0.1 * (diffuse - 0.5) / 0.45
+        bd = torch.tensor(_STUDIO_BACKDROPS, dtype=dt)
+        which = (kind * len(_STUDIO_BACKDROPS)).long().clamp(0, len(_STUDIO_BACKDROPS) - 1)
+        bg_a, bg_b = bd[which], bd[which] * 0.6
+        bg_dir = torch.tensor([0.0, 1.0], dtype=dt).expand(B, 2).clone()
+        bg_grad = torch.ones(B, dtype=dt) * 0.8
+        bg_tex = torch.zeros(B, dtype=dt)
+        clutter[..., 0] = 0.0
+
     return _Scene(
         centre=centre, axes=axes, orient=orient, albedo=albedo, active=active, clip=clip,
         lens_centre=lens_centre, lens_axes=lens_axes, lens_orient=lens_orient,
@@ -564,6 +604,10 @@ class ProceduralHead(PoseGenerator):
         fov_range: ``(low, high)`` field of view in degrees; the camera distance follows from the
             framing so the head size in the image stays similar.
         supersample: render at ``supersample x`` the resolution and area-average (anti-aliasing).
+        style: ``"default"``, or ``"studio"``: the same identities' shapes and cameras with another
+            palette (muted skin, natural hair, grey clothes), a key light from the upper left with
+            a strong fill, and a smooth portrait backdrop without clutter: a second, visibly
+            different domain (the "real" images of the small-scale CLERF experiment).
         chunk_elems: work size per step (pixels x primitives); bounds memory and keeps caches warm.
     """
 
@@ -582,6 +626,7 @@ class ProceduralHead(PoseGenerator):
         beard_prob: float = 0.2,
         bald_prob: float = 0.12,
         fov_range: tuple[float, float] | list[float] = (12.0, 40.0),
+        style: str = "default",
         supersample: int = 1,
         chunk_elems: int = 1 << 18,
     ) -> None:
@@ -590,6 +635,8 @@ class ProceduralHead(PoseGenerator):
             raise ValueError(
                 f"procedural: background must be 'random' or 'plain', got {background!r}"
             )
+        if style not in STYLES:
+            raise ValueError(f"procedural: style must be one of {STYLES}, got {style!r}")
         if light not in ("random", "camera"):
             raise ValueError(f"procedural: light must be 'random' or 'camera', got {light!r}")
         for name, p in (("occluder_prob", occluder_prob), ("glasses_prob", glasses_prob),
@@ -607,6 +654,7 @@ class ProceduralHead(PoseGenerator):
         if int(supersample) != supersample or not 1 <= int(supersample) <= 8:
             raise ValueError(f"procedural: supersample must be an int in 1..8, got {supersample}")
         self.symmetric = bool(symmetric)
+        self.style = style
         self.background = background
         self.clutter = bool(clutter)
         self.translation = float(translation)
@@ -640,6 +688,7 @@ class ProceduralHead(PoseGenerator):
             "occluder_prob": self.occluder_prob, "glasses_prob": self.glasses_prob,
             "beard_prob": self.beard_prob, "bald_prob": self.bald_prob,
             "fov_range": list(self.fov_range), "supersample": self.supersample,
+            "style": self.style,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ identities

@@ -27,6 +27,13 @@ QUICK_FIGURES = [
     ("input_pipeline", "pretrain step, in-memory tensors (32 px, 2 triplets/step)", "img/s"),
     ("input_pipeline", "input pipeline overhead", "%"),
     ("input_pipeline", "input pipeline alone (read + augment)", "img/s"),
+    ("streaming", "fine-tune step, images in memory (32 px, batch 4)", "img/s"),
+    ("streaming", "fine-tune step, HDF5 store (32 px, batch 4)", "img/s"),
+    ("streaming", "fine-tune step, streamed in process (32 px, batch 4)", "img/s"),
+    ("streaming", "fine-tune step, streamed in 1 worker(s) (32 px, batch 4)", "img/s"),
+    ("streaming", "store overhead", "%"),
+    ("streaming", "streaming overhead, in process", "%"),
+    ("streaming", "streaming overhead, in workers", "%"),
     *[row for px in (64, 128) for comp in ("none", "lzf", "gzip") for row in (
         ("store", f"write, {px} px, {comp}", "img/s"),
         ("store", f"read, {px} px, {comp} (batch 8, 0 workers)", "img/s"),
@@ -100,7 +107,7 @@ def test_run_all_quick_prints_every_figure_numeric(tmp_path):
 
 
 def test_skip_everything_prints_an_empty_table_and_bad_names_fail(tmp_path):
-    names = ["generator", "input_pipeline", "store", "export", "prepare", "pipeline"]
+    names = ["generator", "input_pipeline", "streaming", "store", "export", "prepare", "pipeline"]
     proc = subprocess.run([sys.executable, str(RUN_ALL), "--quick", "--skip", *names],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -48,7 +48,7 @@ def test_statistics_by_hand():
     assert g["median"] == pytest.approx(3.0, abs=1e-9)
     # linear interpolation between the 4th (4) and 5th (12) values at rank 0.9 * 4 = 3.6
     assert g["p90"] == pytest.approx(4.0 + 0.6 * 8.0, abs=1e-9)
-    assert s["under"] == {"5": 0.8, "10": 0.8, "15": 1.0}
+    assert s["under"] == {"5": 0.8, "10": 0.8, "15": 1.0, "30": 1.0}
 
 
 def test_no_180_wrap():

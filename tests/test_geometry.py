@@ -412,3 +412,55 @@ def test_metrics_do_not_depend_on_batch_size_or_order():
     m1 = g.euler_mae(ep, et)
     m2 = g.euler_mae(g.EulerAngles(*(t[perm] for t in ep)), g.EulerAngles(*(t[perm] for t in et)))
     assert m1 == pytest.approx(m2, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- projections, views
+
+
+@settings(max_examples=30)
+@given(seeds, st.floats(0.0, 0.2))
+def test_nearest_rotation_matches_scipy_mean_and_fixes_rotations(seed, noise):
+    R = _rand_R(seed, 8)
+    assert torch.allclose(g.nearest_rotation(R), R, atol=1e-10)
+    M = R + noise * torch.randn(8, 3, 3, generator=torch.Generator().manual_seed(seed),
+                                dtype=torch.float64)  # fmt: skip
+    Q = g.nearest_rotation(M)
+    assert g.is_rotation(Q, 1e-9).all()
+    # scipy's chordal mean of a single rotation-like matrix: brute force over nearby rotations
+    # is costly; instead check optimality: no small rotation of Q gets closer to M
+    for k in range(3):
+        for eps in (1e-3, -1e-3):
+            axis = torch.zeros(3, dtype=torch.float64)
+            axis[k] = eps
+            P = torch.from_numpy(Rotation.from_rotvec(axis.numpy()).as_matrix()) @ Q
+            assert ((P - M) ** 2).sum((-1, -2)).ge(((Q - M) ** 2).sum((-1, -2)) - 1e-12).all()
+
+
+def test_nearest_rotation_of_a_reflection_is_a_rotation():
+    M = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+    assert g.is_rotation(g.nearest_rotation(M)).all()
+
+
+@settings(max_examples=30)
+@given(seeds, angle)
+def test_view_angles(seed, phi):
+    R = _rand_R(seed, 8)
+    tilt, facing = g.view_angles(R)
+    # facing: the angle between the nose axis and the direction toward the camera (scipy)
+    nose = R[:, 2, :].numpy()
+    want = np.degrees(np.arccos(np.clip(nose @ np.array([0.0, 0.0, 1.0]), -1, 1)))
+    np.testing.assert_allclose(facing.numpy(), want, atol=1e-6)
+    # in-plane image rotation keeps facing; turning about the head's up axis keeps tilt
+    _, facing2 = g.view_angles(g.rotate_inplane(R, phi))
+    np.testing.assert_allclose(facing2.numpy(), facing.numpy(), atol=1e-6)
+    tilt2, _ = g.view_angles(g.rot_y(torch.tensor(math.radians(phi), dtype=torch.float64)).T @ R)
+    np.testing.assert_allclose(tilt2.numpy(), tilt.numpy(), atol=1e-6)
+
+
+def test_view_angles_landmarks():
+    up = g.rotation_from_euler(0.0, 0.0, 0.0)
+    down = g.vflip_rotation(g.hflip_rotation(up))  # a 180 deg image turn
+    back = g.rotation_from_euler(0.0, 180.0, 0.0)
+    t, f = g.view_angles(torch.stack([up, down, back]).double())
+    assert t.tolist() == pytest.approx([0.0, 180.0, 0.0], abs=1e-5)
+    assert f.tolist() == pytest.approx([0.0, 0.0, 180.0], abs=1e-5)

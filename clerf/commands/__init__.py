@@ -17,4 +17,5 @@ COMMANDS: list[str] = [
     "preview",
     "finetune",
     "pipeline",
+    "curves",
 ]

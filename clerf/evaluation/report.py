@@ -15,6 +15,9 @@ Files (``OUT/``):
   protocol, or the first one reported).
 * ``error_vs_inplane.png`` (rotated protocol): mean and median geodesic error against the
   in-plane angle; angle 0 is the standard protocol when it was run.
+* ``error_vs_upright.png`` (full-range protocol): mean and median geodesic error against the tilt
+  of the head's up axis (0 upright, 180 upside-down) and the angle of the nose from the camera
+  (0 frontal, 180 the back of the head); see :func:`clerf.geometry.view_angles`.
 * ``cumulative_error.png``: share of samples under each geodesic error, per protocol (pooled).
 """
 
@@ -199,6 +202,11 @@ def write_figures(
         _save(fig, path)
         written.append(path)
 
+    if "full_range" in protocols:
+        path = out / "error_vs_upright.png"
+        _error_vs_view(report, samples, "full_range", path)
+        written.append(path)
+
     fig, axes = _canvas(1, len(protocols), (4.2 * len(protocols), 3.8))
     for j, p in enumerate(protocols):
         ax = axes[0, j]
@@ -219,6 +227,40 @@ def write_figures(
     _save(fig, path)
     written.append(path)
     return written
+
+
+def _error_vs_view(report: dict[str, Any], samples: dict[str, dict[str, dict[str, SampleErrors]]],
+                   protocol: str, path: Path) -> None:
+    """Mean and median geodesic error against how far the true pose is from upright (tilt of
+    the head's up axis) and from frontal (angle of the nose from the camera), 10 deg bins."""
+    import torch
+
+    from clerf.geometry import rotation_from_euler, view_angles
+
+    fig, axes = _canvas(1, 2, (11, 3.8))
+    edges = np.linspace(0.0, 180.0, 19)
+    for m in report["models"]:
+        views = samples[m["name"]][protocol]
+        e = merge(list(views.values()),
+                  offsets=[i * (1 + max(int(v.index.max()) for v in views.values()))
+                           for i in range(len(views))])  # fmt: skip
+        eu = torch.from_numpy(e.euler_true)
+        R = rotation_from_euler(eu[:, 1], eu[:, 0], eu[:, 2])
+        for ax, x in zip(axes[0], view_angles(R), strict=True):
+            c, mean, _ = binned_error(x.numpy(), e.geodesic, edges, "mean")
+            _, med, _ = binned_error(x.numpy(), e.geodesic, edges, "median")
+            line = ax.plot(c, mean, marker="o", ms=3, label=f"{m['name']} mean")[0]
+            ax.plot(c, med, marker="x", ls="--", color=line.get_color(),
+                    label=f"{m['name']} median")  # fmt: skip
+    axes[0, 0].set_xlabel("tilt of the head's up axis (deg): 0 upright, 180 upside-down")
+    axes[0, 1].set_xlabel("angle of the nose from the camera (deg): 0 frontal, 180 back of head")
+    for ax in axes[0]:
+        ax.set_ylabel("geodesic error (deg)")
+        ax.set_xticks(np.arange(0, 181, 30))
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Error against the angle from upright and from frontal ({protocol} protocol)")
+    _save(fig, path)
 
 
 def _safe(name: str) -> str:

@@ -11,6 +11,9 @@ so augmentation composes labels exactly and the heads never see an approximate a
 * :class:`Rotation6DHead` (6DRepNet / CLERF): an MLP to 6 numbers, Gram-Schmidt to a rotation,
   geodesic loss in **radians**.
 * :class:`CombinedHead`: both at once, summed weighted losses.
+* :class:`SphereGridHead`: classification of the head's up and nose directions over a fixed
+  grid of points on the sphere (soft targets), decoded by a local soft-argmax and
+  Gram-Schmidt: a multimodal output that keeps learning where a regression averages.
 
 Euler order inside this module is always ``(pitch, yaw, roll)`` along the angle axis, the order of
 :class:`clerf.geometry.EulerAngles`.
@@ -33,8 +36,10 @@ from clerf.geometry import (
     decode_bins,
     decode_bins_circular,
     euler_from_rotation,
+    fibonacci_sphere,
     geodesic_distance,
     rotation_from_6d,
+    rotation_from_axes,
     rotation_from_euler,
     wrap_degrees,
 )
@@ -47,9 +52,12 @@ __all__ = [
     "BinnedEulerHead",
     "Rotation6DHead",
     "CombinedHead",
+    "SphereGridHead",
     "binned_loss",
     "decode_bins_circular",
     "geodesic_loss",
+    "chordal_loss",
+    "ROTATION_LOSSES",
     "euler_targets",
     "build_head",
 ]
@@ -59,7 +67,7 @@ ANGLE_NAMES: tuple[str, str, str] = ("pitch", "yaw", "roll")
 #: how a binned head turns bin probabilities into an angle
 DECODE_MODES = ("auto", "expectation", "circular")
 #: head types accepted by :func:`build_head` (the ``head.type`` config key)
-HEAD_TYPES = ("binned", "rotation6d", "both")
+HEAD_TYPES = ("binned", "rotation6d", "both", "sphere")
 
 
 def _spans_full_circle(spec: BinSpec) -> bool:
@@ -132,12 +140,30 @@ def binned_loss(
     return total, parts
 
 
+def chordal_loss(R_pred: Tensor, R_true: Tensor) -> Tensor:
+    """Mean squared Frobenius distance ``||R_pred - R_true||_F^2`` of ``(B, 3, 3)`` rotations.
+
+    Equals ``4 (1 - cos theta)`` for a geodesic error theta: smooth everywhere, with the largest
+    gradient near 90 deg and a vanishing one only at 0 (where the geodesic loss keeps a constant
+    slope) and at 180 deg (where the geodesic loss's direction is undefined).
+    """
+    return (R_pred - R_true.to(R_pred)).square().sum(dim=(-2, -1)).mean()
+
+
+ROTATION_LOSSES = ("geodesic", "chordal")
+
+
 def geodesic_loss(R_pred: Tensor, R_true: Tensor) -> Tensor:
     """Mean geodesic distance between ``(B, 3, 3)`` rotations, in **radians** (6DRepNet's loss).
 
     Uses :func:`clerf.geometry.geodesic_distance` (atan2 form: finite gradient at 0 and 180 deg).
     """
     return torch.deg2rad(geodesic_distance(R_pred, R_true.to(R_pred))).mean()
+
+
+def _full(x: Tensor) -> Tensor:
+    """``x`` in float32 when it comes out of mixed precision (bf16/fp16), else unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # --------------------------------------------------------------------------- heads
@@ -220,7 +246,8 @@ class BinnedEulerHead(PoseHead):
         self.fc = nn.Linear(self.in_features, 3 * spec.num_bins)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        return {"logits": self.fc(features).unflatten(-1, (3, self.spec.num_bins))}
+        # float32 outputs under mixed precision: the decode and the losses need the precision
+        return {"logits": _full(self.fc(features)).unflatten(-1, (3, self.spec.num_bins))}
 
     def decode(self, logits: Tensor) -> Tensor:
         """Angles ``(B, 3)`` in degrees (pitch, yaw, roll) from logits ``(B, 3, K)``."""
@@ -264,10 +291,13 @@ class Rotation6DHead(PoseHead):
     ``Linear -> ReLU -> Linear`` (CLERF's MLP).
     """
 
-    def __init__(self, in_features: int, hidden: int = 256) -> None:
+    def __init__(self, in_features: int, hidden: int = 256, loss: str = "geodesic") -> None:
         super().__init__()
         if hidden < 0:
             raise ValueError(f"hidden must be >= 0, got {hidden}")
+        if loss not in ROTATION_LOSSES:
+            raise ValueError(f"head.loss must be one of {ROTATION_LOSSES}, got {loss!r}")
+        self.loss_name = loss
         self.in_features = int(in_features)
         self.hidden = int(hidden)
         if hidden == 0:
@@ -282,7 +312,8 @@ class Rotation6DHead(PoseHead):
             self.mlp[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        return {"sixd": self.mlp(features)}
+        # float32 under mixed precision: Gram-Schmidt in bf16 would cost about half a degree
+        return {"sixd": _full(self.mlp(features))}
 
     def rotation(self, outputs: dict[str, Tensor]) -> Tensor:
         return rotation_from_6d(outputs["sixd"])
@@ -291,11 +322,15 @@ class Rotation6DHead(PoseHead):
         self, outputs: dict[str, Tensor], rotations: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         R = self.rotation(outputs)
+        if self.loss_name == "chordal":
+            with torch.no_grad():
+                geo = geodesic_loss(R, rotations)
+            return chordal_loss(R, rotations), {"geodesic_deg": torch.rad2deg(geo)}
         loss = geodesic_loss(R, rotations)
         return loss, {"geodesic_deg": torch.rad2deg(loss.detach())}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "hidden": self.hidden}
+        return {**super().describe(), "hidden": self.hidden, "loss": self.loss_name}
 
 
 class CombinedHead(PoseHead):
@@ -353,6 +388,76 @@ class CombinedHead(PoseHead):
         }
 
 
+class SphereGridHead(PoseHead):
+    """Up and nose directions (rows 1 and 2 of ``R``) classified over ``points`` directions on
+    the sphere (:func:`clerf.geometry.fibonacci_sphere`).
+
+    Loss: for each axis, cross-entropy against soft targets ``softmax((cos d - 1) / s^2)``
+    where ``d`` is the angle between a grid point and the true axis and ``s`` =
+    ``sigma_deg`` (a von Mises-Fisher kernel), so neighbouring points share the label.
+    Decoding: the probability-weighted mean of the grid points within ``window_deg`` (3 kernel
+    widths, at least 2.5 grid spacings) of the most probable one, normalised; the two directions become a rotation by Gram-Schmidt that keeps
+    the nose (:func:`clerf.geometry.rotation_from_axes`). Unlike a regression, an uncertain
+    image gives two peaks instead of their average, which keeps full-range training moving.
+    """
+
+    def __init__(self, in_features: int, hidden: int = 256, points: int = 512,
+                 sigma_deg: float = 8.0) -> None:  # fmt: skip
+        super().__init__()
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0, got {hidden}")
+        if points < 12:
+            raise ValueError(f"head.sphere_points must be >= 12, got {points}")
+        if not 0.5 <= sigma_deg <= 90.0:
+            raise ValueError(f"head.sphere_sigma_deg must be in [0.5, 90], got {sigma_deg}")
+        self.in_features, self.hidden = int(in_features), int(hidden)
+        self.points, self.sigma_deg = int(points), float(sigma_deg)
+        # decode window: 3 kernel widths, and at least 2.5 grid spacings
+        spacing = math.degrees(math.sqrt(4 * math.pi / self.points))
+        self.window_deg = max(3.0 * self.sigma_deg, 2.5 * spacing)
+        out = 2 * self.points
+        if hidden == 0:
+            self.mlp = nn.Sequential(nn.Linear(self.in_features, out))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(self.in_features, hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden, out))  # fmt: skip
+        self.register_buffer("grid", fibonacci_sphere(self.points), persistent=False)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        # float32 under mixed precision (the decode and the loss need the precision)
+        logits = _full(self.mlp(features)).unflatten(-1, (2, self.points))
+        return {"sphere_logits": logits}
+
+    def _decode(self, logits: Tensor) -> Tensor:
+        grid = self.grid.to(logits)
+        p = logits.softmax(-1)
+        best = grid[p.argmax(-1)]  # (..., 3)
+        near = (best @ grid.T) >= math.cos(math.radians(self.window_deg))
+        v = ((p * near)[..., None] * grid).sum(-2)
+        return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def rotation(self, outputs: dict[str, Tensor]) -> Tensor:
+        lg = outputs["sphere_logits"]
+        return rotation_from_axes(self._decode(lg[:, 0]), self._decode(lg[:, 1]))
+
+    def loss(
+        self, outputs: dict[str, Tensor], rotations: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        lg = outputs["sphere_logits"]
+        grid = self.grid.to(lg)
+        s2 = math.radians(self.sigma_deg) ** 2
+        axes = rotations.to(lg)[:, 1:3]  # (B, 2, 3): up, nose
+        target = ((axes @ grid.T - 1.0) / s2).softmax(-1)
+        loss = -(target * lg.log_softmax(-1)).sum(-1).mean() * 2.0
+        with torch.no_grad():
+            geo = torch.deg2rad(geodesic_distance(self.rotation(outputs), rotations.to(lg)))
+        return loss, {"geodesic_deg": torch.rad2deg(geo.mean())}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "hidden": self.hidden, "points": self.points,
+                "sigma_deg": self.sigma_deg, "window_deg": self.window_deg}  # fmt: skip
+
+
 def build_head(cfg: Any, in_features: int) -> PoseHead:
     """Build the head described by a ``head`` config section (:class:`clerf.config.HeadConfig`
     or any mapping/object with the same keys) on ``in_features`` encoder features.
@@ -385,12 +490,16 @@ def build_head(cfg: Any, in_features: int) -> PoseHead:
         return BinnedEulerHead(in_features, spec, alpha, get("decode", "auto"))
 
     def sixd() -> Rotation6DHead:
-        return Rotation6DHead(in_features, int(get("hidden", 256)))
+        return Rotation6DHead(in_features, int(get("hidden", 256)), str(get("loss", "geodesic")))
 
     if kind == "binned":
         return binned()
     if kind == "rotation6d":
         return sixd()
+    if kind == "sphere":
+        return SphereGridHead(in_features, int(get("hidden", 256)),
+                              int(get("sphere_points", 512)),
+                              float(get("sphere_sigma_deg", 8.0)))  # fmt: skip
     predict_from = get("predict_from", "auto")
     return CombinedHead(
         binned(), sixd(),

@@ -44,8 +44,8 @@ __all__ = ["HeadPoseModel", "PosePrediction", "MODEL_KIND", "HEAD_KEYS", "load_h
 
 MODEL_KIND = "clerf.head_pose_model"
 #: keys of the ``head`` config section that define a head (saved with the model)
-HEAD_KEYS = ("type", "bins", "alpha", "decode", "hidden", "binned_weight", "rotation6d_weight",
-             "predict_from")
+HEAD_KEYS = ("type", "bins", "alpha", "decode", "hidden", "loss", "binned_weight",
+             "rotation6d_weight", "predict_from", "sphere_points", "sphere_sigma_deg")
 
 
 class PosePrediction(NamedTuple):

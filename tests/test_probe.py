@@ -1,0 +1,53 @@
+"""Representation probes (``clerf.evaluation.probe``): kNN pose retrieval and a linear probe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clerf.evaluation.probe import knn_pose_error, linear_probe_error, probe_features
+from clerf.geometry import geodesic_distance, random_rotation
+
+
+def _R(n: int, seed: int = 0) -> torch.Tensor:
+    return random_rotation(n, torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_features_that_are_the_rotation_probe_perfectly_and_noise_probes_at_chance():
+    R = _R(400)
+    g = torch.Generator().manual_seed(1)
+    good = torch.cat([R.reshape(400, 9), 0.01 * torch.randn(400, 16, generator=g)], 1)
+    noise = torch.randn(400, 25, generator=g)
+    assert linear_probe_error(good, R) < 1.0
+    assert 110.0 < linear_probe_error(noise, R) < 140.0  # chance: 126.5
+    assert knn_pose_error(good, R, 1) < knn_pose_error(noise, R, 1) - 60.0
+
+
+def test_knn_matches_a_brute_force_loop():
+    R = _R(30, 2)
+    f = torch.randn(30, 5, generator=torch.Generator().manual_seed(3))
+    z = torch.nn.functional.normalize(f.double(), dim=-1)
+    errs = []
+    for i in range(30):
+        sims = [(float(z[i] @ z[j]), j) for j in range(30) if j != i]
+        j = max(sims)[1]
+        errs.append(float(geodesic_distance(R[j], R[i])))
+    assert knn_pose_error(f, R, 1) == pytest.approx(sum(errs) / 30, abs=1e-9)
+
+
+def test_probe_does_not_depend_on_feature_scale_and_reports_all_figures():
+    R = _R(64, 4)
+    extra = torch.randn(64, 3, generator=torch.Generator().manual_seed(5))
+    f = torch.cat([R.reshape(64, 9), extra], 1)
+    a, b = probe_features(f, R), probe_features(f * 1000.0, R)
+    assert set(a) == {"knn1_deg", "knn5_deg", "linear_probe_deg"}
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6)
+
+
+def test_bad_sizes_are_errors():
+    R = _R(3)
+    with pytest.raises(ValueError, match="k"):
+        knn_pose_error(torch.randn(3, 4), R, 3)
+    with pytest.raises(ValueError, match="at least 4"):
+        linear_probe_error(torch.randn(3, 4), R)
