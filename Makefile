@@ -29,7 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --json runs/bench.json
 
 ablation: $(STAMP)
-	for v in a_hopenet b_6d_geometric c_clerf d_clerf_binned; do \
+	$(BIN)/clerf finetune configs/ablation/d_supervised_pretrain.yaml --out runs/ablation/d_pretrain finetune.train.progress=false
+	for v in a_hopenet b_6d_geometric c_clerf d_supervised; do \
 		$(BIN)/clerf pipeline configs/ablation/$$v.yaml --out runs/ablation/$$v --no-progress || exit 1; \
 	done
 

@@ -56,6 +56,7 @@ QUICK_PIPELINE = [
     "generator.resolution=32", "encoder.input_size=32", "triplets.count=12",
     "pipeline.test_count=6", "store.chunk_images=18", "pretrain.val_size=12",
     "pretrain.train.batch_size=6", "finetune.train.batch_size=12", "finetune.train.epochs=1",
+    "finetune.stream.epoch_size=24",
     "evaluate.protocols=[standard]", "evaluate.full_range_n=8", "evaluate.figures=false",
 ]
 

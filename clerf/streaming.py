@@ -90,6 +90,8 @@ class _Source:
             raise ConfigError(f"stream.epoch_size: expected an integer >= 1, got {epoch_size}")
         self.generator, self.resolution = generator, int(resolution)
         self.seed, self.epoch_size = int(seed), int(epoch_size)
+        #: render on the training device (``generator.device: auto``) when in-process
+        self.follow_device = False
 
     def __len__(self) -> int:
         return self.epoch_size
@@ -250,7 +252,7 @@ def make_training_loader(
         )  # fmt: skip
     if num_workers > 0:
         data.to("cpu")
-    elif device is not None and getattr(data, "follow_device", False):
+    elif device is not None and data.follow_device:
         data.to(device)
     sampler = StreamBatchSampler(len(data), batch_size, rank=rank, world_size=world_size)
     return DataLoader(
@@ -293,7 +295,7 @@ def build_stream(cfg: Any, stage: str) -> _Source:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         src = StreamingLabelled(gen, poses, res, int(cfg.seed), int(sc.epoch_size))
-    src.follow_device = dev_name == "auto"  # type: ignore[attr-defined]
+    src.follow_device = dev_name == "auto"
     return src
 
 

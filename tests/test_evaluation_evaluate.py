@@ -139,12 +139,13 @@ def test_stage_writes_a_report_comparing_models(assets, tmp_path):
     assert names == ["model_a", "model_b"]
     out = tmp_path / "out"
     for f in ("report.json", "report.md", "cumulative_error.png", "error_vs_euler.png",
-              "samples_model_a.csv", "samples_model_b.csv"):
+              "error_vs_upright.png", "samples_model_a.csv", "samples_model_b.csv"):
         assert (out / f).is_file(), f
     on_disk = json.loads((out / "report.json").read_text())
     assert _results(on_disk) == _results(json.loads(json.dumps(report)))
     fr = on_disk["models"][0]["results"]["full_range"]["pooled"]
     assert fr["n"] == 12 and fr["euler"]["n"] == 0
+    assert set(fr["under"]) == {"5", "10", "15", "30"}
     md = (out / "report.md").read_text()
     assert "| model_b | none | 40 |" in md and "## full_range" in md
     assert on_disk["run"]["world_size"] == 1

@@ -386,3 +386,19 @@ def test_two_process_accelerate_run(blob_store, tmp_path):
     stats = summary["rank_param_stats"]
     assert len(stats) == 2 and stats[0] == stats[1]
     HeadPoseModel.from_pretrained(out)
+
+
+def test_finetune_can_start_from_the_encoder_of_an_earlier_finetune(blob_store, tmp_path):
+    """Supervised pretraining: finetune.encoder = a fine-tune output (its head is dropped)."""
+    first = tmp_path / "first"
+    run_finetune(_cfg(*NO_AUG, f"finetune.train_store={blob_store}", "finetune.train.epochs=1"),
+                 first)  # fmt: skip
+    src = HeadPoseModel.from_pretrained(first)
+    cfg = _cfg(*NO_AUG, f"finetune.train_store={blob_store}", f"finetune.encoder={first}",
+               "finetune.train.epochs=1", "finetune.encoder_lr_scale=0", "head.type=binned")
+    task = FinetuneTask(cfg)
+    model = task.build_model()
+    for (k, a), b in zip(src.encoder.backbone.state_dict().items(),
+                         model.encoder.backbone.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), k
+    assert model.head_config["type"] == "binned"

@@ -19,8 +19,15 @@ TINY = [
 ]
 
 
+#: the classic pipeline: both training stages read the generated training store
+STORES = ["pipeline.stages=[generate,pretrain,finetune,evaluate]", "finetune.stream.enabled=false"]
+#: the quickstart as shipped streams its fine-tune data; tiny epochs
+STREAM = ["finetune.stream.epoch_size=24", "pretrain.stream.epoch_size=12",
+          "pretrain.stream.poses=uniform"]  # fmt: skip
+
+
 def _cfg(*extra: str):
-    return load_config("configs/quickstart.yaml", [*TINY, *extra])
+    return load_config("configs/quickstart.yaml", [*TINY, *STORES, *extra])
 
 
 @pytest.mark.slow
@@ -54,6 +61,32 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     # a changed generator invalidates the stores, with the key named
     with pytest.raises(Exception, match=r"generated from another config \(.*resolution"):
         run_pipeline(_cfg("generator.resolution=40"), out, progress=False, log=logs.append)
+
+
+@pytest.mark.slow
+def test_streaming_pipeline_writes_only_the_held_out_store(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config("configs/quickstart.yaml", [
+        *TINY, *STREAM, "pipeline.stages=[generate,pretrain,finetune,evaluate]",
+        "pretrain.stream.enabled=true"])  # fmt: skip
+    logs: list[str] = []
+    result = run_pipeline(cfg, out, progress=False, log=logs.append)
+    assert not (out / "data" / "train.h5").exists()  # every training stage streams
+    assert (out / "data" / "test.h5").exists()
+    import json
+
+    for stage, n in (("pretrain", 12 // 6 * 6 * 3), ("finetune", 24)):
+        summary = json.loads((out / stage / "summary.json").read_text())
+        assert summary["images_seen"] == n, (stage, summary["images_seen"])
+    meta = json.loads((out / "finetune" / "model" / "config.json").read_text())
+    assert meta["training"]["train_data"]["source"] == "stream"
+    assert set(result["report"]["models"][0]["results"]) == {"standard", "rotated", "full_range"}
+    # a changed stream setting invalidates the stage that streams, with the key named
+    with pytest.raises(Exception, match=r"finetune was made from another config \(finetune"):
+        changed = load_config("configs/quickstart.yaml", [
+            *TINY, *STREAM, "pipeline.stages=[generate,pretrain,finetune,evaluate]",
+            "pretrain.stream.enabled=true", "finetune.stream.poses=euler_box"])  # fmt: skip
+        run_pipeline(changed, out, progress=False, log=logs.append)
 
 
 def test_stage_configs_connect_the_paths(tmp_path):

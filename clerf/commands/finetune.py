@@ -15,11 +15,14 @@ def register(subparsers, parents) -> None:
     p = subparsers.add_parser(
         "finetune",
         parents=parents,
-        help="train pose heads (HopeNet bins and/or 6D) on a labelled store -> HeadPoseModel",
+        help="train pose heads (HopeNet bins, 6D, sphere grid) on a store or a generator stream "
+             "-> HeadPoseModel",
         description=(
-            "Fine-tune an encoder (finetune.encoder: a pretrain output, or fresh) with a pose head "
-            "(head.type: binned, rotation6d or both) on a labelled store (finetune.train_store), "
-            "with on-device augmentation whose labels are composed exactly. Writes OUT/model "
+            "Fine-tune an encoder (finetune.encoder: a pretrain output, a fine-tune output, or "
+            "fresh) with a pose head (head.type: binned, rotation6d, both or sphere) on a "
+            "labelled store (finetune.train_store) or on images streamed from the generator "
+            "(finetune.stream.enabled=true: every batch new identities and poses), with "
+            "on-device augmentation whose labels are composed exactly. Writes OUT/model "
             "(HeadPoseModel.from_pretrained), checkpoints, metrics.jsonl, config.yaml and "
             "summary.json; re-running with the same --out resumes. Works under accelerate launch."
         ),

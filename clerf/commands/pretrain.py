@@ -17,8 +17,10 @@ def register(subparsers, parents) -> None:
         parents=parents,
         help="contrastive pretraining of the pose encoder on a triplet store",
         description=(
-            "Train the encoder with Circle Loss on a triplet store (pretrain.train_store), with "
-            "on-device augmentation whose labels are composed exactly. Writes OUT/encoder (load "
+            "Train the encoder with Circle Loss on a triplet store (pretrain.train_store) or on "
+            "triplets streamed from the generator by the same rules (pretrain.stream.enabled="
+            "true), with on-device augmentation whose labels are composed exactly. Writes "
+            "OUT/encoder (load "
             "with clerf.load_encoder), checkpoints, metrics.jsonl, config.yaml and summary.json; "
             "re-running with the same --out resumes. Works under accelerate launch."
         ),

@@ -396,8 +396,9 @@ class SphereGridHead(PoseHead):
     where ``d`` is the angle between a grid point and the true axis and ``s`` =
     ``sigma_deg`` (a von Mises-Fisher kernel), so neighbouring points share the label.
     Decoding: the probability-weighted mean of the grid points within ``window_deg`` (3 kernel
-    widths, at least 2.5 grid spacings) of the most probable one, normalised; the two directions become a rotation by Gram-Schmidt that keeps
-    the nose (:func:`clerf.geometry.rotation_from_axes`). Unlike a regression, an uncertain
+    widths, at least 2.5 grid spacings) of the most probable one, normalised; the two
+    directions become a rotation by Gram-Schmidt that keeps the nose
+    (:func:`clerf.geometry.rotation_from_axes`). Unlike a regression, an uncertain
     image gives two peaks instead of their average, which keeps full-range training moving.
     """
 
