@@ -51,3 +51,22 @@ def test_bad_sizes_are_errors():
         knn_pose_error(torch.randn(3, 4), R, 3)
     with pytest.raises(ValueError, match="at least 4"):
         linear_probe_error(torch.randn(3, 4), R)
+
+
+def test_cli_probes_encoders_on_a_store(tmp_path, capsys):
+    from clerf.cli import main
+    from clerf.config import load_config
+    from triplets.generate import run_generate
+
+    cfg = load_config(None, ["generator.resolution=32", "triplets.count=8",
+                             "store.chunk_images=12", "triplets.poses=uniform"])  # fmt: skip
+    store = run_generate(cfg, tmp_path / "s.h5", progress=False)
+    assert main(["probe", "random:resnet18@32", "--data", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "24 images of" in out and "| random:resnet18@32 |" in out
+    row = next(x for x in out.splitlines() if x.startswith("| random:"))
+    values = [float(v) for v in row.strip("|").split("|")[1:]]
+    assert len(values) == 3 and all(0.0 <= v <= 180.0 for v in values)
+    assert main(["probe", "random:nonet@32", "--data", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "random:ARCH@SIZE" in err and len(err.strip().splitlines()) == 1

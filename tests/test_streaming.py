@@ -205,7 +205,8 @@ def _env(**extra):
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
-    return ["-m", "clerf", "finetune", "--out", str(out), *TINY_FT, *extra]
+    return ["-m", "clerf", "finetune", str(REPO / "configs" / "full_range_cpu.yaml"), "--out",
+            str(out), *TINY_FT, *extra]
 
 
 @pytest.mark.slow

@@ -18,4 +18,5 @@ COMMANDS: list[str] = [
     "finetune",
     "pipeline",
     "curves",
+    "probe",
 ]
