@@ -59,7 +59,7 @@ from clerf.errors import ConfigError, DataError
 from clerf.geometry import geodesic_distance
 from clerf.models.encoder import ENCODER_KIND, Encoder, EncoderSpec, build_encoder
 from clerf.models.heads import HEAD_TYPES, build_head
-from clerf.models.pose_model import HeadPoseModel
+from clerf.models.pose_model import HeadPoseModel, head_pose_model_dir
 from clerf.training import StepContext, Task, fit
 
 __all__ = [
@@ -130,23 +130,6 @@ def _open_labelled(path: str | None, key: str):
     if not p.is_file():
         raise DataError(f"{key}: store not found: {p}")
     return LabelledDataset(p)
-
-
-def _head_pose_model_dir(src: str) -> Path | None:
-    """The saved ``HeadPoseModel`` directory of ``src`` (a ``clerf finetune`` output or its
-    ``model/``), or None when ``src`` is not one (an encoder or pretrain output)."""
-    p = Path(src)
-    for d in (p, p / "model"):
-        cfg = d / "config.json"
-        if cfg.is_file():
-            try:
-                kind = json.loads(cfg.read_text()).get("kind")
-            except (OSError, ValueError):
-                return None
-            from clerf.models.pose_model import MODEL_KIND
-
-            return d if kind == MODEL_KIND else None
-    return None
 
 
 def _store_info(dataset: Any) -> dict[str, Any]:
@@ -321,7 +304,7 @@ class FinetuneTask(Task):
         from clerf.models.encoder import resolve_encoder_dir
         from clerf.models.io import read_model_config
 
-        model_dir = _head_pose_model_dir(src)
+        model_dir = head_pose_model_dir(src)
         if model_dir is not None:  # a fine-tune output: start from its model's encoder
             from clerf.models.pose_model import MODEL_KIND
 
@@ -345,7 +328,7 @@ class FinetuneTask(Task):
 
     def build_model(self) -> HeadPoseModel:
         src = self.cfg.finetune.encoder or ""
-        if src and _head_pose_model_dir(src) is not None:
+        if src and head_pose_model_dir(src) is not None:
             # supervised pretraining: the encoder of an earlier fine-tune (its head is dropped)
             encoder = HeadPoseModel.from_pretrained(src).encoder.train()
         elif src:

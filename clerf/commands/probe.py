@@ -42,10 +42,9 @@ def _load(spec: str, seed: int):
             return Encoder(EncoderSpec(arch=arch, input_size=int(size or 64)))
         except (ValueError, TypeError, ConfigError) as exc:
             raise UsageError(f"ENCODER '{spec}': expected random:ARCH@SIZE ({exc})") from None
-    from clerf.finetune import _head_pose_model_dir
-    from clerf.models.pose_model import HeadPoseModel
+    from clerf.models.pose_model import HeadPoseModel, head_pose_model_dir
 
-    if _head_pose_model_dir(spec) is not None:
+    if head_pose_model_dir(spec) is not None:
         return HeadPoseModel.from_pretrained(spec).encoder
     return Encoder.from_pretrained(spec)
 

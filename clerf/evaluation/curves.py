@@ -75,13 +75,12 @@ def curves_table(curves: list[dict[str, Any]], metric: str = "val/geodesic_deg")
 
 def plot_curves(curves: list[dict[str, Any]], out: str | Path,
                 metric: str = "val/geodesic_deg", chance: float | None = None) -> Path:  # fmt: skip
-    """A PNG of ``metric`` against images seen, one line per run."""
-    import matplotlib
+    """A PNG of ``metric`` against images seen, one line per run (written atomically, on a
+    local Agg canvas: never ``matplotlib.use``)."""
+    from clerf.evaluation.report import _canvas, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, axes = _canvas(1, 1, (7, 4.2))
+    ax = axes[0, 0]
     for c in curves:
         xs = [p[0] for p in c["points"]]
         ys = [p[1].get(metric) for p in c["points"]]
@@ -92,9 +91,7 @@ def plot_curves(curves: list[dict[str, Any]], out: str | Path,
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    _save(fig, out)
     return out

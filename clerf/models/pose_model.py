@@ -20,6 +20,7 @@ pose heads sit on the backbone features (:meth:`clerf.models.encoder.Encoder.fea
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +41,8 @@ from clerf.models.io import (
     save_model_dir,
 )
 
-__all__ = ["HeadPoseModel", "PosePrediction", "MODEL_KIND", "HEAD_KEYS", "load_head_pose_model"]
+__all__ = ["HeadPoseModel", "PosePrediction", "MODEL_KIND", "HEAD_KEYS", "load_head_pose_model",
+           "head_pose_model_dir"]
 
 MODEL_KIND = "clerf.head_pose_model"
 #: keys of the ``head`` config section that define a head (saved with the model)
@@ -296,6 +298,21 @@ class HeadPoseModel(nn.Module):
         load_state_strict(model, load_weights_file(p / WEIGHTS_NAME), source=str(p / WEIGHTS_NAME))
         model.training_summary = dict(meta.get("training") or {})
         return model.to(map_location).eval()
+
+
+def head_pose_model_dir(src: str | Path) -> Path | None:
+    """The saved ``HeadPoseModel`` directory of ``src`` (a ``clerf finetune`` output or its
+    ``model/``), or None when ``src`` is not one (e.g. an encoder or a pretrain output)."""
+    p = Path(src)
+    for d in (p, p / "model"):
+        cfg = d / "config.json"
+        if cfg.is_file():
+            try:
+                kind = json.loads(cfg.read_text()).get("kind")
+            except (OSError, ValueError):
+                return None
+            return d if kind == MODEL_KIND else None
+    return None
 
 
 def load_head_pose_model(path: str | Path, map_location: str | torch.device = "cpu"
