@@ -10,7 +10,7 @@ ratio. The generator should be at least 3x faster than training so that generati
 the pipeline. Figures are medians over ``--repeats`` timed batches after one warm-up batch; CPU
 machines shared with other jobs are noisy, which is why both are measured in the same run.
 
-``--oracle N`` instead prints the in-plane oracle of CONVENTIONS 3 for N random non-frontal
+``--oracle N`` instead prints the in-plane oracle of docs/conventions.md 3 for N random non-frontal
 rotations: PSNR on the head region between ``render(R)`` turned clockwise by phi and
 ``render(R @ Rz(phi))`` (correct rule) or ``render(Rz(phi) @ R)`` (roll + phi, wrong), rendered
 at 256 px and area-downsampled to 64 px, as in ``tests/test_generators_procedural.py``.

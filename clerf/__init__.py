@@ -6,7 +6,7 @@ Importing ``clerf`` stays light: it must not import torchvision models, accelera
 
 __version__ = "0.1.0"
 
-#: Version of ``shared/CONVENTIONS.md`` that this code implements; written into every artefact.
+#: Version of ``docs/conventions.md`` that this code implements; written into every artefact.
 CONVENTIONS_VERSION = "1"
 
 __all__ = ["__version__", "CONVENTIONS_VERSION", "load_encoder"]

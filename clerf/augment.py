@@ -1,6 +1,6 @@
 """On-device augmentation of whole batches, with rotation labels composed EXACTLY.
 
-Geometric (changes the label, ``shared/CONVENTIONS.md`` section 3), applied in this order:
+Geometric (changes the label, ``docs/conventions.md`` section 3), applied in this order:
 
 1. in-plane rotation by ``angle`` degrees **clockwise on screen** about the image centre:
    ``R -> rotate_inplane(R, angle) = R @ Rz(angle)``;

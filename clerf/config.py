@@ -258,7 +258,7 @@ class PretrainConfig:
 
 @dataclass
 class HeadBinsConfig:
-    """Uniform angle bins of a binned Euler head (``shared/CONVENTIONS.md`` section 5)."""
+    """Uniform angle bins of a binned Euler head (``docs/conventions.md`` section 5)."""
 
     #: left edge of bin 0, degrees (HopeNet: -99; full range: -180)
     start: float = -99.0

@@ -1,6 +1,6 @@
 """Drawing head axes on images and laying out captioned image grids (numpy + OpenCV, CPU).
 
-Axes follow ``shared/CONVENTIONS.md`` section 2, as the HopeNet and 6DRepNet visualisers draw
+Axes follow ``docs/conventions.md`` section 2, as the HopeNet and 6DRepNet visualisers draw
 them: the rows of ``R`` projected orthographically (:func:`clerf.geometry.image_axes`, image y
 down), x (head right) in red, y (head up) in green, z (nose) in blue. Images are RGB ``uint8``
 ``(H, W, 3)`` arrays; nothing here needs torch on the hot path or a display.
@@ -45,7 +45,7 @@ def draw_axes(
 
     Args:
         image: RGB uint8 ``(H, W, 3)`` (or ``(3, H, W)``).
-        R: ``(3, 3)`` rotation (rows = head axes in camera coordinates, CONVENTIONS 2).
+        R: ``(3, 3)`` rotation (rows = head axes in camera coordinates, docs/conventions.md 2).
         centre: ``(x, y)`` pixel where the axes start; the image centre by default.
         size: length in pixels of an axis parallel to the image plane; ``0.4 * min(H, W)``.
         thickness: line width in pixels; scales with the image by default.
@@ -76,7 +76,7 @@ def draw_axes(
 
 
 def pose_caption(R: np.ndarray | torch.Tensor) -> str:
-    """``"p 12.3 y -45.0 r 3.1"``: pitch, yaw, roll in degrees (CONVENTIONS 1)."""
+    """``"p 12.3 y -45.0 r 3.1"``: pitch, yaw, roll in degrees (docs/conventions.md 1)."""
     e = euler_from_rotation(torch.as_tensor(np.asarray(R, dtype=np.float64)))
     return f"p {float(e.pitch):.1f} y {float(e.yaw):.1f} r {float(e.roll):.1f}"
 

@@ -1,9 +1,9 @@
-"""The single source of truth for pose geometry in clerf (``shared/CONVENTIONS.md``).
+"""The single source of truth for pose geometry in clerf (``docs/conventions.md``).
 
 Every function is batched over leading dimensions, differentiable where that makes sense, and
 works on any device in float32 or float64. Angles at this API are in **degrees**.
 
-Conventions (see ``shared/CONVENTIONS.md``):
+Conventions (see ``docs/conventions.md``):
 
 * A label ``(pitch, yaw, roll)`` means ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` with the standard
   right-handed elementary rotations.
@@ -246,7 +246,7 @@ def geodesic_distance(R1: Tensor, R2: Tensor) -> Tensor:
 
 
 def geodesic_error(R_pred: Tensor, R_true: Tensor) -> Tensor:
-    """Per-sample geodesic error in degrees (CONVENTIONS section 7); ``(...)``."""
+    """Per-sample geodesic error in degrees (docs/conventions.md section 7); ``(...)``."""
     return geodesic_distance(R_pred, R_true)
 
 
@@ -380,7 +380,7 @@ def fibonacci_sphere(n: int, dtype: torch.dtype = torch.float32, device=None) ->
 def rotation_from_axes(up: Tensor, nose: Tensor, eps: float = 1e-8) -> Tensor:
     """The rotation whose rows are the head axes closest to the given up and nose directions
     (``(..., 3)`` each, any length): the nose is kept, the up direction is made orthogonal to
-    it (Gram-Schmidt) and the right axis is ``up x nose`` (CONVENTIONS: rows = right, up,
+    it (Gram-Schmidt) and the right axis is ``up x nose`` (docs/conventions.md: rows = right, up,
     nose in camera coordinates)."""
     z = nose / nose.norm(dim=-1, keepdim=True).clamp_min(eps)
     y = up - (up * z).sum(-1, keepdim=True) * z
@@ -487,7 +487,8 @@ def euler_abs_error(pred: Tensor, true: Tensor) -> Tensor:
 
 
 def euler_mae(pred: EulerAngles, true: EulerAngles) -> dict[str, float]:
-    """Per-axis Euler MAE and their mean (degrees), over all samples (CONVENTIONS section 7).
+    """Per-axis Euler MAE and their mean (degrees), over all samples (docs/conventions.md
+    section 7).
 
     Differences are wrapped by 360 only, never by 180. Order- and batch-size-independent: it is a
     plain mean over the flattened samples.

@@ -1,13 +1,13 @@
 """The generator interface and registry.
 
 A generator renders faces of reproducible identities at exactly known rotations. It imports only
-``clerf.geometry`` and torch (``shared/ARCHITECTURE.md``).
+``clerf.geometry`` and torch (the layering in the README's "Layout").
 
 Contract of :meth:`PoseGenerator.render`:
 
 * ``identities``: ``(B,)`` int64; identity ``i`` of a generator built with ``seed`` is the same
   face every time (it depends only on ``(seed, i)``).
-* ``rotations``: ``(B, 3, 3)`` target labels (``shared/CONVENTIONS.md``: rows = head axes in camera
+* ``rotations``: ``(B, 3, 3)`` target labels (``docs/conventions.md``: rows = head axes in camera
   coordinates, x right, y up, z toward the viewer).
 * Returns :class:`Rendered` with ``images`` ``(B, 3, H, W)`` uint8 RGB on the generator's device and
   ``rotations`` ``(B, 3, 3)`` float32: the rotation that was actually rendered (after any

@@ -2,7 +2,7 @@
 
 The GANs' camera label is a flattened 4 x 4 cam2world matrix (OpenCV camera axes: x right, y down,
 z forward) followed by a flattened 3 x 3 intrinsics matrix normalised by image size,
-``[[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]]`` (``shared/CONVENTIONS.md`` section 4).
+``[[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]]`` (``docs/conventions.md`` section 4).
 
 The GANs' world frame, read from the public EG3D code (``camera_utils.py``): the frontal camera of
 ``LookAtPoseSampler.sample(pi/2, pi/2, ...)`` sits on +z looking toward -z, and

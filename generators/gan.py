@@ -6,7 +6,7 @@ that holds ``dnnlib/`` and ``torch_utils/``: ``<eg3d repo>/eg3d`` or the PanoHea
 and their own network pickle. Unpickling runs code from the file, so loading is refused unless
 ``trust_pickle=True``.
 
-Rendering a target rotation ``R`` (``shared/CONVENTIONS.md`` sections 3 and 4):
+Rendering a target rotation ``R`` (``docs/conventions.md`` sections 3 and 4):
 
 1. ``split_camera_inplane(R) -> (R_lookat, phi)``: a roll-free look-at camera with the same
    camera direction, and the in-plane angle (clockwise on screen) that remains;

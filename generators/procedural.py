@@ -12,7 +12,7 @@ coefficients are computed once per (image, primitive) in float64; per pixel and 
 handful of separable float32 operations remain (about 10), which is 10-100x cheaper than sphere
 tracing or Gaussian splatting on a CPU.
 
-Geometry (``shared/CONVENTIONS.md`` section 2): head coordinates are x = head right (image right on
+Geometry (``docs/conventions.md`` section 2): head coordinates are x = head right (image right on
 a frontal face), y = up, z = nose. A head point ``p`` is at ``R.T @ p + c`` in camera coordinates
 (x = image right, y = image up, z = toward the viewer), with ``c = (tx, ty, -d)``: the camera sits
 at distance ``d`` on the camera direction ``R @ e_z``, looking at the head centre (shifted by the

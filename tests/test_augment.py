@@ -62,7 +62,8 @@ def test_kornia_rotate_positive_angle_is_counter_clockwise_on_screen():
 
 
 def test_our_positive_angle_is_clockwise_on_screen():
-    # Ours: the dot right of the centre goes to the BOTTOM: clockwise, as CONVENTIONS 3 requires.
+    # Ours: the dot right of the centre goes to the BOTTOM: clockwise, as docs/conventions.md 3
+    # requires.
     out = warp_images(_dot_image(), _params(90.0))
     assert _argmax_rc(out) == (28, 16)
     out = warp_images(_dot_image(), _params(-90.0))
@@ -117,7 +118,8 @@ def test_compose_rotation_is_the_geometry_rules_in_order(angle, hflip, vflip, se
 
 
 def test_compose_rotation_frontal_face_inplane_is_roll():
-    # For a frontal face the in-plane rotation is a roll change (CONVENTIONS 2: roll clockwise).
+    # For a frontal face the in-plane rotation is a roll change (docs/conventions.md 2: roll
+    # clockwise).
     R = rotation_from_euler(0.0, 0.0, 0.0)[None]
     got = compose_rotation(R, _params(25.0))
     assert torch.allclose(got, rotation_from_euler(0.0, 0.0, 25.0)[None], atol=1e-6)

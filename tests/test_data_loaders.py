@@ -80,7 +80,7 @@ def test_label_to_rotation_matches_scipy_oracle(tmp_path):
     """One sample through the whole loader; oracle: scipy's intrinsic-free 'xyz' composition.
 
     scipy ``from_euler('xyz', [pitch, yaw, roll])`` (lower case = extrinsic) is
-    ``Rz(roll) @ Ry(yaw) @ Rx(pitch)``, the canonical matrix of CONVENTIONS section 1.
+    ``Rz(roll) @ Ry(yaw) @ Rx(pitch)``, the canonical matrix of docs/conventions.md section 1.
     """
     fx = make_aflw2000(tmp_path / "A", n=2, n_extreme=0)
     ds = open_dataset("aflw2000", fx.root)
@@ -219,7 +219,8 @@ def test_biwi_npz_signs_channels_and_filter(tmp_path):
 
 
 def test_biwi_fsanet_reading_has_300wlp_semantics(tmp_path):
-    """Positive yaw in the .npz turns the nose toward image-left, as in 300W-LP (CONVENTIONS 2)."""
+    """Positive yaw in the .npz turns the nose toward image-left, as in 300W-LP
+    (docs/conventions.md 2)."""
     np.savez(tmp_path / "b.npz", image=np.zeros((1, 8, 8, 3), np.uint8), pose=[[30.0, 0.0, 0.0]])
     R = rotations_of(open_dataset("biwi", tmp_path / "b.npz").samples, torch.float64)[0]
     assert R[2, 0] < -0.4  # row 2 = nose direction; x component negative = image-left

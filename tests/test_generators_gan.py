@@ -148,7 +148,7 @@ def test_camera_matches_eg3d_sampler(yaw: float, pitch: float) -> None:
 
 def test_eg3d_sampler_label_is_derived_from_the_matrix() -> None:
     """``LookAtPoseSampler(pi/2, pi/2 + p)`` does not give pitch ``p``: the label read from its
-    matrix is ``asin(2 p / pi)``-ish (CONVENTIONS 4)."""
+    matrix is ``asin(2 p / pi)``-ish (docs/conventions.md 4)."""
     p = math.radians(20)
     m = _eg3d_sampler(math.pi / 2, math.pi / 2 + p, torch.zeros(3), 2.7)
     c = torch.cat([m.flatten(), torch.zeros(9, dtype=torch.float64)])[None]

@@ -1,4 +1,4 @@
-"""The procedural head generator: contract, conventions (CONVENTIONS 2 and 3), determinism.
+"""The procedural head generator: contract, conventions (docs/conventions.md 2 and 3), determinism.
 
 The oracle tests here are the ones the whole project relies on: they pin what a rotation label
 means in a rendered image, and the exact in-plane and flip rules, with a renderer whose scene
@@ -143,7 +143,7 @@ def test_identity_variation_is_wide() -> None:
     torch.testing.assert_close(a.light, z.expand(50, 3))
 
 
-# --------------------------------------------------------------------------- CONVENTIONS 2
+# --------------------------------------------------------------------------- docs/conventions.md 2
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -214,7 +214,7 @@ def test_projection_turns_with_inplane_rule(q: list[float], phi: float) -> None:
     torch.testing.assert_close(b, turned, atol=1e-3, rtol=0)
 
 
-# --------------------------------------------------------------------------- CONVENTIONS 3
+# --------------------------------------------------------------------------- docs/conventions.md 3
 
 
 def _oracle_setup(n: int, seed: int):

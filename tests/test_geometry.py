@@ -1,4 +1,4 @@
-"""The pose-geometry core against shared/CONVENTIONS.md, with scipy as an independent oracle."""
+"""The pose-geometry core against docs/conventions.md, with scipy as an independent oracle."""
 
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def _R(pitch=0.0, yaw=0.0, roll=0.0):
 
 
 def test_image_meaning_of_euler_angles():
-    """CONVENTIONS section 2 by projecting 3D points of a head model orthographically."""
+    """docs/conventions.md section 2 by projecting 3D points of a head model orthographically."""
     assert float(_project(_R(), LEFT_EYE)[0]) < 0 < float(_project(_R(), RIGHT_EYE)[0])
     # positive yaw: the nose tip moves to the image's left of the head centre
     assert float(_project(_R(yaw=30), NOSE)[0]) < -0.3

@@ -98,7 +98,7 @@ def _process_state(partial_state: Any, device: str) -> Any:
         # every process would write the same file: refuse instead of racing
         raise DataError(
             f"launched with WORLD_SIZE={launched} but accelerate sees {state.num_processes} "
-            "process(es); on CPU set ACCELERATE_USE_CPU=1 (see MEASURED.md)"
+            "process(es); on CPU set ACCELERATE_USE_CPU=1 (see the README, Several GPUs)"
         )
     return state
 

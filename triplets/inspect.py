@@ -21,7 +21,7 @@ from triplets.store import Store, open_store, verify_store
 
 __all__ = ["StoreReport", "inspect_store", "format_report", "write_figures", "text_histogram"]
 
-#: Euler histogram ranges (deg): yaw lies in [-90, 90] by the decomposition (CONVENTIONS 1)
+#: Euler histogram ranges (deg): yaw lies in [-90, 90] by the decomposition (docs/conventions.md 1)
 _RANGES = {"yaw": (-90.0, 90.0, 15.0), "pitch": (-180.0, 180.0, 30.0),
            "roll": (-180.0, 180.0, 30.0)}
 _EULER_COL = {"pitch": 0, "yaw": 1, "roll": 2}

@@ -2,7 +2,7 @@
 
 Every sampler draws ``n`` rotations ``(n, 3, 3)`` float64 (CPU) from a ``torch.Generator``, so the
 same generator state gives the same poses on any machine. All pose math goes through
-:mod:`clerf.geometry` (``shared/CONVENTIONS.md``: rows of ``R`` are the head axes in camera
+:mod:`clerf.geometry` (``docs/conventions.md``: rows of ``R`` are the head axes in camera
 coordinates; angles in degrees).
 
 * :class:`UniformSO3`: the Haar measure over SO(3), every orientation equally likely (full range,
@@ -89,7 +89,8 @@ class UniformSO3(PoseSampler):
 class EulerBox(PoseSampler):
     """Each of pitch, yaw, roll uniform in its ``[low, high]`` range (degrees).
 
-    Yaw must stay within [-90, 90] (the range of the Euler decomposition, CONVENTIONS section 1),
+    Yaw must stay within [-90, 90] (the range of the Euler decomposition, docs/conventions.md
+    section 1),
     pitch and roll within [-180, 180].
     """
 

@@ -7,7 +7,7 @@ One schema family serves two kinds of store (full description in ``triplets/SCHE
 * ``kind="labelled"``: single labelled images (real datasets prepared by ``clerf prepare``).
 
 Every image has a uint8 ``(3, H, W)`` RGB array, a float32 rotation ``(3, 3)`` (rows = head axes
-in camera coordinates, ``shared/CONVENTIONS.md``), Euler degrees ``(pitch, yaw, roll)`` derived
+in camera coordinates, ``docs/conventions.md``), Euler degrees ``(pitch, yaw, roll)`` derived
 from it with :func:`clerf.geometry.euler_from_rotation`, and an int64 identity.
 
 Writing (:class:`StoreWriter`) is resumable: the image axis is cut into commit chunks of ``chunk``
@@ -19,7 +19,7 @@ are whole; reopening with ``resume=True`` rewrites only the missing chunks.
 Reading (:func:`open_store`, :class:`TripletDataset`, :class:`LabelledDataset`,
 :func:`make_loader`) validates the file once, then opens h5py lazily in each process (DataLoader
 workers never share a handle) and reads contiguous slices only: h5py fancy indexing is a hundred
-times slower (``shared/reference/MEASURED.md``).
+times slower (measured with h5py on this project's 2-core machines).
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ class StoreWriter:
         f["euler"].attrs["units"] = "deg"
         f["rotations"].attrs["convention"] = (
             "R = Rz(roll) @ Ry(yaw) @ Rx(pitch); rows = head axes (right, up, nose) in camera "
-            "coordinates x=image right, y=image up, z=toward viewer (CONVENTIONS.md)"
+            "coordinates x=image right, y=image up, z=toward viewer (docs/conventions.md)"
         )
         for name, spec in self.extra.items():
             if name in ("images", "rotations", "euler", "identities", "triplets", "progress"):

@@ -15,7 +15,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         description=(
             "Render N samples of a pose-conditioned generator at random poses and write a PNG "
             "grid; each sample shows the head axes of its label (x red, y green, nose blue; "
-            "CONVENTIONS section 2) and its pitch/yaw/roll in degrees. For eg3d/panohead, poses "
+            "docs/conventions.md section 2) and its pitch/yaw/roll in degrees. For eg3d/"
+            "panohead, poses "
             "outside the model's usable camera range are skipped."
         ),
     )

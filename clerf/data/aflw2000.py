@@ -17,7 +17,8 @@ __all__ = ["AFLW2000", "AFLW2000_SIZE", "AFLW2000_PROTOCOL_SIZE"]
 log = logging.getLogger("clerf.data")
 
 AFLW2000_SIZE = 2000
-#: samples left by the +-99 deg filter on the full set (PEERS.md, CONVENTIONS section 6)
+#: samples left by the +-99 deg filter on the full set (the peers' published count;
+#: docs/conventions.md section 6)
 AFLW2000_PROTOCOL_SIZE = 1969
 
 

@@ -12,7 +12,7 @@ Sign convention (``signs``), the point on which peers disagree:
   ``yaw = -atan2(-Rt20, hypot(Rt21, Rt22))``, ``roll = -atan2(Rt10, Rt00)``, i.e. the Euler
   angles of ``Rt`` with yaw and roll negated, which is ``F @ Rt @ F`` (``F = diag(-1, 1, 1)``;
   :func:`biwi_rotation_from_raw`). Models trained on 300W-LP reach 4-5 deg MAE on these labels
-  only because the semantics agree (positive yaw = face toward image-left, CONVENTIONS 2).
+  only because the semantics agree (positive yaw = face toward image-left, docs/conventions.md 2).
   6DRepNet reads the ``.npz`` this way too.
 * ``mirrored``: yaw and roll negated, the reading of a loader that takes the Euler angles of
   ``M.T`` without FSA-Net's two sign flips. Provided to reproduce such peers, not as a default.

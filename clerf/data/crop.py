@@ -1,4 +1,4 @@
-"""The benchmark protocol's face crop: one function, named presets (``shared/CONVENTIONS.md`` 6).
+"""The benchmark protocol's face crop: one function, named presets (``docs/conventions.md`` 6).
 
 The peers (HopeNet ``code/datasets.py``, copied by 6DRepNet and most successors) crop a loose box
 around the 68 landmarks. With the landmark box ``(x_min, y_min, x_max, y_max)`` and a margin
@@ -24,7 +24,7 @@ Presets (factors ``left, top, right, bottom``; ``k``):
   code does it** (HopeNet ``AFLW2000`` class at its final commit; 6DRepNet's copy): wider on the
   sides than the training rule.
 * ``train_rule_k02``: the training factors with ``k = 0.2`` fixed, which is how
-  ``shared/CONVENTIONS.md`` section 6 words the test crop ("the same rule with k = 0.2").
+  ``docs/conventions.md`` section 6 words the test crop ("the same rule with k = 0.2").
 * ``none``: no crop (BIWI's preprocessed ``.npz`` images are already face crops).
 
 Missing landmarks: AFLW2000 marks a missing point with the value -1 (not a coordinate). HopeNet
@@ -95,7 +95,8 @@ CROP_PRESETS: dict[str, CropPreset] = {
         ),
         CropPreset(
             "train_rule_k02", 0.6, 2.0, 0.6, 0.6, 0.2, 0.2,
-            description="training factors with k = 0.2 fixed (CONVENTIONS section 6 wording)",
+            description="training factors with k = 0.2 fixed (docs/conventions.md "
+                        "section 6 wording)",
         ),
         CropPreset("none", enabled=False, description="no crop: the image is already a face"),
     )

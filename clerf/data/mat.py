@@ -5,7 +5,7 @@
 * ``Pose_Para``: ``1 x 7`` = ``[pitch, yaw, roll, tx, ty, tz, scale]``, angles in **radians**.
 * ``pt2d``: ``2 x 68`` landmarks in pixels (row 0 = x, row 1 = y); -1 marks a missing point.
 
-The labels mean ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` (``shared/CONVENTIONS.md`` section 1);
+The labels mean ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` (``docs/conventions.md`` section 1);
 :func:`clerf.geometry.rotation_from_euler` makes the matrix, nothing here does.
 """
 

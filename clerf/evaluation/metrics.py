@@ -1,4 +1,4 @@
-"""Aggregation of per-sample pose errors into report figures (``shared/CONVENTIONS.md`` 7).
+"""Aggregation of per-sample pose errors into report figures (``docs/conventions.md`` 7).
 
 The per-sample metrics themselves live in :mod:`clerf.geometry` (geodesic error, MAEV, axis
 errors, Euler errors wrapped by 360 only); this module turns them into summaries:
@@ -12,8 +12,8 @@ Euler angles are always derived from the rotation matrices with
 :func:`clerf.geometry.euler_from_rotation` (one route for predictions and labels), so yaw lies in
 [-90, 90] and the same rotation never appears with two different angle triples. They are
 *meaningful* for a sample when its true pitch and roll lie within ``+-euler_range`` (99 deg, the
-benchmark filter of CONVENTIONS section 6) and its true ``|yaw|`` is at most ``max_yaw`` (default
-90: everything). Beyond that the decomposition flips pitch and roll by 180 deg or becomes
+benchmark filter of docs/conventions.md section 6) and its true ``|yaw|`` is at most ``max_yaw``
+(default 90: everything). Beyond that the decomposition flips pitch and roll by 180 deg or becomes
 singular (gimbal lock at ``|yaw| = 90``), and a per-axis MAE measures the parametrisation rather
 than the model. When every sample is in range the Euler MAE is over all samples; when some are
 not it is computed over the in-range subset and the summary says how many (``euler.n``); when
@@ -52,7 +52,7 @@ __all__ = [
 
 #: geodesic-error thresholds (deg) for the "share of samples under" figures
 THRESHOLDS_DEG: tuple[float, ...] = (5.0, 10.0, 15.0, 30.0)
-#: the benchmark's Euler filter (CONVENTIONS section 6): |angles| <= 99 deg
+#: the benchmark's Euler filter (docs/conventions.md section 6): |angles| <= 99 deg
 EULER_RANGE_DEG = 99.0
 
 #: Euler axes as reported (the peers' tables: yaw, pitch, roll)

@@ -2,7 +2,7 @@
 
 A protocol is a list of :class:`View` s of an evaluation source. A view transforms a batch of
 images on the device and composes the labels **exactly** with :mod:`clerf.geometry`
-(``shared/CONVENTIONS.md`` section 3):
+(``docs/conventions.md`` section 3):
 
 * ``standard``: the images as stored.
 * ``rotated``: each image rotated by ``phi`` degrees **clockwise on screen** about its centre,
@@ -214,7 +214,8 @@ class GeneratorSource(EvalSource):
 class StoreSource(EvalSource):
     """A labelled or triplet HDF5 store (:mod:`triplets.store`); every stored image is a sample.
 
-    Sample ``i`` is stored image ``i``; reads are contiguous slices (fast, see MEASURED.md).
+    Sample ``i`` is stored image ``i``; reads are contiguous slices (fast; random fancy indexing
+    into HDF5 is about 100x slower).
     """
 
     def __init__(self, path: str | Path, max_samples: int = 0) -> None:

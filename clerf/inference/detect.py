@@ -8,7 +8,7 @@
 * ``package.module:ClassName`` plugs in any other :class:`FaceDetector` subclass.
 
 Detector box -> crop. Models are trained on the benchmark protocol crop, computed from the
-**68-landmark box** (``clerf.data.crop``, ``shared/CONVENTIONS.md`` section 6). A detector frames
+**68-landmark box** (``clerf.data.crop``, ``docs/conventions.md`` section 6). A detector frames
 a face differently, so :func:`landmark_box_from_detection` first maps its box to an estimate of
 the landmark box, then the model's crop preset is applied to that estimate exactly as in
 training (:func:`clerf.data.crop.crop_box`), with ``k`` = the preset's fixed value, or the middle

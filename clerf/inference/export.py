@@ -6,7 +6,7 @@ The exported graph:
   input size; the per-channel normalisation ``(x - mean) / std`` happens **inside** the graph.
   Faces must be cut like the training crops (``clerf predict`` does it; the crop preset is in
   the metadata).
-* outputs ``rotation`` ``(B, 3, 3)`` (``shared/CONVENTIONS.md``: rows = head axes right, up,
+* outputs ``rotation`` ``(B, 3, 3)`` (``docs/conventions.md``: rows = head axes right, up,
   nose in camera coordinates x right, y up, z toward the viewer) and ``euler`` ``(B, 3)`` =
   pitch, yaw, roll in degrees from :func:`clerf.geometry.euler_from_rotation`.
 * ``metadata_props``: ``clerf.input_size``, ``clerf.mean``, ``clerf.std``, ``clerf.input_range``,

@@ -5,7 +5,7 @@
 ``evaluate``, ``predict`` and ``export`` use:
 
 * :meth:`PoseModel.predict_rotations`: images ``(B, 3, H, W)`` float RGB in [0, 1] (or uint8) on
-  the model's device -> rotations ``(B, 3, 3)`` float32 (``shared/CONVENTIONS.md``: rows = head
+  the model's device -> rotations ``(B, 3, 3)`` float32 (``docs/conventions.md``: rows = head
   axes in camera coordinates). Images of another size are resized to the model's input size with
   an antialiased bilinear resize (:func:`clerf.augment.to_float_images`, the training pipeline's).
 * :attr:`PoseModel.input_size`, :attr:`mean`, :attr:`std`: the input contract (normalisation is

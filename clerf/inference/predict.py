@@ -13,8 +13,8 @@ Pipeline per image (or video frame), all on an ``(H, W, 3)`` uint8 RGB array:
    square about its centre;
 3. pose: :meth:`PoseModel.predict_rotations`; Euler angles from
    :func:`clerf.geometry.euler_from_rotation` (degrees, yaw in [-90, 90]);
-4. drawing: :func:`clerf.drawing.draw_axes` at the box centre (CONVENTIONS section 2) with the
-   box and the angles.
+4. drawing: :func:`clerf.drawing.draw_axes` at the box centre (docs/conventions.md section 2)
+   with the box and the angles.
 
 Outputs in ``OUT/``: ``predictions.json`` (inputs with their status, faces, the crop settings),
 ``predictions.csv`` (one row per face) and ``annotated/`` (images as PNG, videos as MP4).

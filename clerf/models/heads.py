@@ -1,12 +1,13 @@
 """Pose heads: HopeNet's binned multi-loss Euler head and the 6D rotation head.
 
 Every head maps encoder features ``(B, F)`` to a dict of raw outputs, turns those outputs into
-rotation matrices ``(B, 3, 3)`` (``shared/CONVENTIONS.md``: rows = head axes in camera
+rotation matrices ``(B, 3, 3)`` (``docs/conventions.md``: rows = head axes in camera
 coordinates) and computes its training loss against rotation labels. Labels are always rotation
 matrices; a binned head derives its Euler targets with :func:`clerf.geometry.euler_from_rotation`,
 so augmentation composes labels exactly and the heads never see an approximate angle.
 
-* :class:`BinnedEulerHead` (HopeNet, CONVENTIONS section 5): per angle a linear layer over bins,
+* :class:`BinnedEulerHead` (HopeNet, docs/conventions.md section 5): per angle a linear layer
+  over bins,
   loss per angle = cross-entropy over bins + ``alpha`` x MSE (deg^2) of the softmax expectation.
 * :class:`Rotation6DHead` (6DRepNet / CLERF): an MLP to 6 numbers, Gram-Schmidt to a rotation,
   geodesic loss in **radians**.
@@ -202,7 +203,7 @@ class PoseHead(nn.Module, ABC):
 
 
 class BinnedEulerHead(PoseHead):
-    """HopeNet's binned multi-loss head (CONVENTIONS section 5).
+    """HopeNet's binned multi-loss head (docs/conventions.md section 5).
 
     One linear layer per angle over ``spec.num_bins`` bins; the three layers are stored as one
     ``nn.Linear(in_features, 3 * K)`` whose output is viewed as ``(B, 3, K)`` (pitch, yaw, roll):

@@ -5,7 +5,7 @@ training crops (the ``clerf prepare`` protocol). :meth:`HeadPoseModel.predict` r
 model's ``input_size`` (antialiased) and normalises them with the model's ``mean``/``std``: the
 preprocessing travels in the saved ``config.json``, never in the caller's head.
 
-Output: rotation matrices ``(B, 3, 3)`` (``shared/CONVENTIONS.md``: rows = head axes in camera
+Output: rotation matrices ``(B, 3, 3)`` (``docs/conventions.md``: rows = head axes in camera
 coordinates, x right, y up, z toward the viewer) and Euler angles in **degrees** derived from them
 with :func:`clerf.geometry.euler_from_rotation` (``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)``, yaw in
 [-90, 90]), so the two always agree.
