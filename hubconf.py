@@ -3,9 +3,13 @@
     import torch
     enc = torch.hub.load("path/to/clerf", "encoder", source="local", pretrained="runs/pre")
     enc = torch.hub.load("path/to/clerf", "encoder", source="local", arch="resnet50")  # random
+    model = torch.hub.load("path/to/clerf", "head_pose_model", source="local",
+                           pretrained="runs/quickstart/finetune")
+    pred = model.predict(crops)  # .rotations (B, 3, 3), .euler (degrees)
 
-``pretrained`` is a directory written by ``Encoder.save_pretrained`` or a ``clerf pretrain``
-output directory; it is loaded strictly (a mismatch is an error listing the keys).
+``pretrained`` is a directory written by ``save_pretrained`` or a ``clerf pretrain`` (encoder)
+or ``clerf finetune`` (head pose model) output directory; it is loaded strictly (a mismatch is
+an error listing the keys).
 """
 
 dependencies = ["torch", "torchvision", "safetensors"]
@@ -27,3 +31,17 @@ def encoder(pretrained: str | None = None, **spec):
         return Encoder.from_pretrained(pretrained)
     weights = spec.pop("weights", None)
     return Encoder(EncoderSpec(**spec), weights=weights)
+
+
+def head_pose_model(pretrained: str, map_location: str = "cpu"):
+    """A fine-tuned clerf head pose model (encoder + pose head), loaded strictly.
+
+    Args:
+        pretrained: a ``clerf finetune`` output directory or a directory written by
+            ``HeadPoseModel.save_pretrained``. There is no random variant: an untrained pose
+            model predicts nothing useful, so build one in code if that is what you want.
+        map_location: the device its weights are loaded onto.
+    """
+    from clerf.models.pose_model import HeadPoseModel
+
+    return HeadPoseModel.from_pretrained(pretrained, map_location=map_location)

@@ -4,10 +4,7 @@ Importing ``clerf`` stays light: it must not import torchvision models, accelera
 ``clerf.load_encoder`` is resolved lazily on first use.
 """
 
-__version__ = "0.1.0"
-
-#: Version of ``docs/conventions.md`` that this code implements; written into every artefact.
-CONVENTIONS_VERSION = "1"
+from clerf.versions import CONVENTIONS_VERSION, __version__
 
 __all__ = ["__version__", "CONVENTIONS_VERSION", "load_encoder"]
 

@@ -11,9 +11,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from clerf import __version__
 from clerf.commands import COMMANDS
 from clerf.errors import ClerfError
+from clerf.versions import __version__
 
 
 class _Parser(argparse.ArgumentParser):

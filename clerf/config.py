@@ -20,8 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clerf import CONVENTIONS_VERSION, __version__
 from clerf.errors import ConfigError
+from clerf.versions import CONVENTIONS_VERSION, __version__
 
 # --------------------------------------------------------------------------- schema sections
 

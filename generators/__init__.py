@@ -6,6 +6,7 @@ from generators.base import (
     available_generators,
     build_generator,
     generator_class,
+    identity_seed,
     register_generator,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "available_generators",
     "build_generator",
     "generator_class",
+    "identity_seed",
     "register_generator",
 ]

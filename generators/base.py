@@ -79,6 +79,21 @@ def check_resolution(resolution: object) -> int:
 _REGISTRY: dict[str, type[PoseGenerator]] = {}
 
 
+def identity_seed(seed: int, index: int) -> int:
+    """Fixed 63-bit integer hash of ``(seed, index)`` (splitmix64 finaliser on a combined key).
+
+    Seeds ``torch.Generator`` per identity, so identity ``index`` never depends on which other
+    identities are in the batch, on the batch size, or on the device.
+    """
+    mask = (1 << 64) - 1
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019)
+    x &= mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
 def register_generator(name: str):
     """Class decorator: make a generator available under ``name`` in configs."""
 

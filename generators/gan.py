@@ -42,7 +42,13 @@ from clerf.geometry import (
     rotate_inplane,
     split_camera_inplane,
 )
-from generators.base import PoseGenerator, Rendered, check_resolution, register_generator
+from generators.base import (
+    PoseGenerator,
+    Rendered,
+    check_resolution,
+    identity_seed,
+    register_generator,
+)
 from generators.camera import (
     EG3D_FFHQ,
     PANOHEAD,
@@ -50,7 +56,6 @@ from generators.camera import (
     camera_from_rotation,
     rotation_from_camera,
 )
-from generators.procedural import identity_seed
 
 __all__ = ["GANAdapter", "EG3DGenerator", "PanoHeadGenerator", "load_network"]
 

@@ -37,9 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clerf.geometry import check_rotation, rot_x, rot_y, rot_z
-from generators.base import PoseGenerator, Rendered, check_resolution, register_generator
+from generators.base import (
+    PoseGenerator,
+    Rendered,
+    check_resolution,
+    identity_seed,
+    register_generator,
+)
 
-__all__ = ["ProceduralHead", "RenderMaps", "PARTS", "identity_seed"]
+__all__ = ["ProceduralHead", "RenderMaps", "PARTS"]
 
 # --------------------------------------------------------------------------- parts and materials
 
@@ -71,21 +77,6 @@ _N_UNIFORM = 256  # uniforms drawn per identity (a prefix is used; the rest leav
 _NOISE = 8  # background noise grid is 3 x _NOISE x _NOISE
 _N_CLUTTER = 5
 _F = torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
-
-
-def identity_seed(seed: int, index: int) -> int:
-    """Fixed 63-bit integer hash of ``(seed, index)`` (splitmix64 finaliser on a combined key).
-
-    Seeds ``torch.Generator`` per identity, so identity ``index`` never depends on which other
-    identities are in the batch, on the batch size, or on the device.
-    """
-    mask = (1 << 64) - 1
-    x = (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019)
-    x &= mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    x ^= x >> 31
-    return x & ((1 << 63) - 1)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from clerf.geometry import (
     rotation_from_euler,
 )
 from generators import available_generators, build_generator
-from generators.procedural import LENS_ID_OFFSET, PARTS, ProceduralHead, identity_seed
+from generators.base import identity_seed
+from generators.procedural import LENS_ID_OFFSET, PARTS, ProceduralHead
 
 P = {name: i for i, name in enumerate(PARTS)}
 FACE_PARTS = [P[n] for n in ("nose_tip", "nose_bridge", "eye_r", "eye_l", "lip_upper",

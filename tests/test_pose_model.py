@@ -169,3 +169,16 @@ def test_head_config_dataclass_and_dictconfig_are_accepted():
                       load_config(None, ["head.type=both", "head.hidden=8"]).head)
     assert a.head_config == b.head_config and a.head_config["bins"]["num_bins"] == 66
     assert isinstance(a.head, CombinedHead) and m.head_config == {"type": "binned"}
+
+
+def test_torch_hub_head_pose_model_is_the_saved_model(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    m = _model({"type": "rotation6d", "hidden": 16}).eval()
+    m.save_pretrained(tmp_path / "run" / "model")
+    hub = torch.hub.load(str(repo), "head_pose_model", source="local",
+                         pretrained=str(tmp_path / "run"))
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert isinstance(hub, HeadPoseModel)
+    assert torch.equal(hub.predict(x).rotations, m.predict(x).rotations)

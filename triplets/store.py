@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from clerf import CONVENTIONS_VERSION, __version__
 from clerf.errors import DataError
+from clerf.versions import CONVENTIONS_VERSION, __version__
 
 __all__ = [
     "SCHEMA_NAME",

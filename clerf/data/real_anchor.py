@@ -264,7 +264,7 @@ def _write_entry(
     """
     import h5py
 
-    from clerf import CONVENTIONS_VERSION, __version__
+    from clerf.versions import CONVENTIONS_VERSION, __version__
     from triplets.store import SCHEMA_NAME, SCHEMA_VERSION
 
     n = n_real + n_rendered

@@ -197,7 +197,7 @@ def export_onnx(
         ExportCheckError: the check failed.
         ClerfError: both exporters failed (the message names their errors).
     """
-    from clerf import CONVENTIONS_VERSION, __version__
+    from clerf.versions import CONVENTIONS_VERSION, __version__
 
     if exporter not in EXPORTERS:
         raise ClerfError(f"--exporter must be one of {', '.join(EXPORTERS)}, got '{exporter}'")

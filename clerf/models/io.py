@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clerf import CONVENTIONS_VERSION, __version__
 from clerf.errors import DataError
+from clerf.versions import CONVENTIONS_VERSION, __version__
 
 __all__ = [
     "CONFIG_NAME",
