@@ -415,6 +415,12 @@ class PipelineConfig:
     test_count: int = 128
     #: the held-out set uses ``seed + test_seed_offset``: other identities and poses
     test_seed_offset: int = 1000
+    #: triplets rendered for the validation store (3 images each) that training stages reading
+    #: stores evaluate on each epoch; streaming stages render their own (``stream.val_size``).
+    #: Never the test set: no choice is made on the images the figures are reported on.
+    val_count: int = 64
+    #: the validation store uses ``seed + val_seed_offset``: identities in neither train nor test
+    val_seed_offset: int = 2000
     #: where the stores go (default ``OUT/data``); share it between runs that use the same data
     data_dir: str = ""
 

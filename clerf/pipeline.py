@@ -70,6 +70,12 @@ def needs_train_store(cfg: DictConfig) -> bool:
                for name in ("pretrain", "finetune"))  # fmt: skip
 
 
+def needs_val_store(cfg: DictConfig) -> bool:
+    """Whether a training stage validates on the pipeline's validation store (a stage that
+    streams renders its own held-out images instead)."""
+    return needs_train_store(cfg)
+
+
 def stage_configs(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """The per-stage configs and paths of a pipeline run (pure: creates nothing)."""
     p = cfg.pipeline
@@ -78,11 +84,23 @@ def stage_configs(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise ConfigError(f"pipeline.stages: unknown stage(s) {unknown}; choose from {STAGES}")
     data_dir = Path(p.data_dir) if p.data_dir else out / "data"
     train_store, test_store = data_dir / "train.h5", data_dir / "test.h5"
+    val_store = data_dir / "val.h5"
+    if int(p.val_seed_offset) == int(p.test_seed_offset) or int(p.val_seed_offset) == 0:
+        raise ConfigError(
+            f"pipeline.val_seed_offset: {p.val_seed_offset} would render the validation set from "
+            "the training or test seed; choose another offset"
+        )
+
+    def val_for(stage: str) -> str:
+        # a streaming stage renders its own held-out images; the test store is never used
+        return "" if cfg[stage].stream.enabled else str(val_store)
+
     pretrain_dir, finetune_dir = out / "pretrain", out / "finetune"
     use_pretrain = "pretrain" in p.stages
     return {
         "train_store": train_store,
         "test_store": test_store,
+        "val_store": val_store,
         "pretrain_dir": pretrain_dir,
         "finetune_dir": finetune_dir,
         "evaluate_dir": out / "evaluate",
@@ -91,12 +109,17 @@ def stage_configs(cfg: DictConfig, out: Path) -> dict[str, Any]:
             cfg, {"seed": int(cfg.seed) + int(p.test_seed_offset),
                   "triplets.count": int(p.test_count)}
         ),
+        "generate_val": _derive(
+            cfg, {"seed": int(cfg.seed) + int(p.val_seed_offset),
+                  "triplets.count": int(p.val_count)}
+        ),
         "pretrain": _derive(
-            cfg, {"pretrain.train_store": str(train_store), "pretrain.val_store": str(test_store)}
+            cfg,
+            {"pretrain.train_store": str(train_store), "pretrain.val_store": val_for("pretrain")},
         ),
         "finetune": _derive(
             cfg,
-            {"finetune.train_store": str(train_store), "finetune.val_store": str(test_store),
+            {"finetune.train_store": str(train_store), "finetune.val_store": val_for("finetune"),
              "finetune.val_fraction": 0.0,
              # without a pretrain stage: the config's own encoder (null: a fresh one)
              "finetune.encoder": str(pretrain_dir) if use_pretrain
@@ -163,9 +186,9 @@ def run_pipeline(
 
     if "generate" in stages:
         t0 = time.perf_counter()
-        stores = (("generate_train", sc["train_store"]), ("generate_test", sc["test_store"]))
-        if not needs_train_store(cfg):
-            stores = stores[1:]  # every training stage streams from the generator
+        stores = [("generate_test", sc["test_store"])]
+        if needs_train_store(cfg):  # otherwise every training stage streams from the generator
+            stores[:0] = [("generate_train", sc["train_store"]), ("generate_val", sc["val_store"])]
         for key, path in stores:
             state = generated_state(sc[key], path)
             if state == "complete":

@@ -11,7 +11,7 @@ from clerf.pipeline import first_difference, run_pipeline, stage_configs
 # A seconds-scale pipeline: 32 px images, a handful of steps per stage.
 TINY = [
     "generator.resolution=32", "encoder.input_size=32", "triplets.count=12",
-    "pipeline.test_count=6", "store.chunk_images=18",
+    "pipeline.test_count=6", "pipeline.val_count=4", "store.chunk_images=18",
     "pretrain.val_size=12", "pretrain.train.batch_size=6", "pretrain.train.epochs=1",
     "finetune.train.batch_size=12", "finetune.train.epochs=1",
     "evaluate.protocols=[standard,rotated,full_range]", "evaluate.rotated_angles=[90]",
@@ -35,7 +35,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     out = tmp_path / "run"
     logs: list[str] = []
     result = run_pipeline(_cfg(), out, progress=False, log=logs.append)
-    for path in ("config.yaml", "data/train.h5", "data/test.h5", "pretrain/encoder",
+    for path in ("config.yaml", "data/train.h5", "data/val.h5", "data/test.h5", "pretrain/encoder",
                  "pretrain/summary.json", "finetune/model", "finetune/config.yaml",
                  "evaluate/report.json", "evaluate/report.md", "results.md", "timings.json"):
         assert (out / path).exists(), path
@@ -53,7 +53,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     logs.clear()
     run_pipeline(_cfg(), out, progress=False, log=logs.append)
     skipped = [line for line in logs if "skipped" in line]
-    assert len(skipped) == 5, logs  # two stores, pretrain, finetune, evaluate
+    assert len(skipped) == 6, logs  # three stores, pretrain, finetune, evaluate
 
     # a changed fine-tune setting: generate and pretrain are still valid, finetune is not
     with pytest.raises(Exception, match=r"finetune was made from another config \(finetune"):
@@ -72,6 +72,7 @@ def test_streaming_pipeline_writes_only_the_held_out_store(tmp_path):
     logs: list[str] = []
     result = run_pipeline(cfg, out, progress=False, log=logs.append)
     assert not (out / "data" / "train.h5").exists()  # every training stage streams
+    assert not (out / "data" / "val.h5").exists()  # and renders its own held-out images
     assert (out / "data" / "test.h5").exists()
     import json
 
@@ -92,7 +93,15 @@ def test_streaming_pipeline_writes_only_the_held_out_store(tmp_path):
 def test_stage_configs_connect_the_paths(tmp_path):
     sc = stage_configs(_cfg(), tmp_path)
     assert sc["pretrain"].pretrain.train_store == str(tmp_path / "data" / "train.h5")
-    assert sc["finetune"].finetune.val_store == str(tmp_path / "data" / "test.h5")
+    # training stages validate on their own store, never on the test set the figures come from
+    val = str(tmp_path / "data" / "val.h5")
+    assert sc["finetune"].finetune.val_store == val and sc["pretrain"].pretrain.val_store == val
+    seeds = {sc[k].seed for k in ("generate_train", "generate_val", "generate_test")}
+    assert seeds == {0, 2000, 1000} and sc["generate_val"].triplets.count == 4
+    streamed = stage_configs(_cfg("finetune.stream.enabled=true"), tmp_path)
+    assert streamed["finetune"].finetune.val_store == ""  # renders stream.val_size images
+    with pytest.raises(Exception, match="pipeline.val_seed_offset"):
+        stage_configs(_cfg("pipeline.val_seed_offset=1000"), tmp_path)
     assert sc["finetune"].finetune.encoder == str(tmp_path / "pretrain")
     assert sc["generate_test"].seed == 1000 and sc["generate_test"].triplets.count == 6
     no_pre = stage_configs(_cfg("pipeline.stages=[generate,finetune,evaluate]"), tmp_path)
