@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clerf.geometry import hflip_rotation, rotate_inplane, vflip_rotation
+from clerf.geometry import hflip_rotation, inplane_image_matrix, rotate_inplane, vflip_rotation
 
 __all__ = [
     "GeometricParams",
@@ -129,15 +129,14 @@ def affine_matrix(params: GeometricParams, size: int) -> Tensor:
     which, because y points down, turns the image clockwise on screen; ``H = diag(-1, 1)``,
     ``V = diag(1, -1)`` when flipped.
     """
-    a = torch.deg2rad(params.angle.double())
-    c, s = torch.cos(a), torch.sin(a)
+    rot = inplane_image_matrix(params.angle.double())  # Rcw(angle): the in-plane rule's image side
     hx = torch.where(params.hflip, -1.0, 1.0).double()
     vy = torch.where(params.vflip, -1.0, 1.0).double()
     k = params.scale.double()
-    # rows of scale * diag(hx, vy) @ [[c, -s], [s, c]]
-    A = torch.stack([torch.stack([hx * c, -hx * s], -1), torch.stack([vy * s, vy * c], -1)], -2)
+    # scale * diag(hx, vy) @ Rcw(angle): row i of Rcw times the flip sign of row i
+    A = rot * torch.stack([hx, vy], -1)[..., :, None]
     A = A * k[:, None, None]
-    ctr = torch.full((a.shape[0], 2), (size - 1) / 2.0, dtype=torch.float64, device=a.device)
+    ctr = torch.full((rot.shape[0], 2), (size - 1) / 2.0, dtype=torch.float64, device=rot.device)
     t = ctr + params.translate.double() * size - (A @ ctr[..., None])[..., 0]
     return torch.cat([A, t[..., None]], dim=-1).float()
 

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
 from clerf.errors import ConfigError, DataError
-from clerf.geometry import geodesic_distance
+from clerf.geometry import chance_geodesic
 from clerf.models.encoder import ENCODER_KIND, Encoder, EncoderSpec, build_encoder
 from clerf.models.heads import HEAD_TYPES, build_head
 from clerf.models.pose_model import HeadPoseModel, head_pose_model_dir
@@ -68,7 +68,6 @@ __all__ = [
     "OUT_OF_RANGE_POLICIES",
     "InMemoryLabelled",
     "evaluate_rotations",
-    "chance_geodesic",
 ]
 
 OUT_OF_RANGE_POLICIES = ("drop", "resample", "error")
@@ -156,17 +155,6 @@ def _store_info(dataset: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- evaluation helpers
-
-
-def chance_geodesic(rotations: Tensor, max_n: int = 2048) -> float:
-    """Mean geodesic distance (deg) between distinct labels: the error of guessing the pose of
-    another sample of the same set. About 126.5 deg for uniform random rotations."""
-    R = rotations[:max_n].double()
-    n = R.shape[0]
-    if n < 2:
-        return float("nan")
-    d = geodesic_distance(R[:, None], R[None, :])
-    return float(d.sum() / (n * (n - 1)))
 
 
 def evaluate_rotations(R_pred: Tensor, R_true: Tensor) -> dict[str, float]:
@@ -260,7 +248,7 @@ class FinetuneTask(Task):
             cap = int(fc.val_max_images) or val_data["images"].shape[0]
             self.val_images = val_data["images"][:cap]
             self.val_rotations = val_data["rotations"][:cap].float()
-            self.chance_deg = chance_geodesic(self.val_rotations)
+            self.chance_deg = chance_geodesic(self.val_rotations, max_n=2048)
         self.counts = {"labels": 0, "out_of_range": 0, "dropped": 0}
 
     # ----------------------------------------------------------------------- setup

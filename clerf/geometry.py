@@ -245,6 +245,18 @@ def geodesic_distance(R1: Tensor, R2: Tensor) -> Tensor:
     return torch.rad2deg(torch.atan2(sin2, cos2))
 
 
+def chance_geodesic(rotations: Tensor, max_n: int | None = None) -> float:
+    """Mean geodesic distance (deg) between distinct labels of a set: the error of guessing the
+    pose of another sample of the same set (chance level). About 126.5 deg for uniform random
+    rotations; NaN for fewer than two. ``max_n`` caps the number used (the first ``max_n``)."""
+    R = (rotations if max_n is None else rotations[:max_n]).double()
+    n = R.shape[0]
+    if n < 2:
+        return float("nan")
+    d = geodesic_distance(R[:, None], R[None, :])
+    return float(d.sum() / (n * (n - 1)))
+
+
 def geodesic_error(R_pred: Tensor, R_true: Tensor) -> Tensor:
     """Per-sample geodesic error in degrees (docs/conventions.md section 7); ``(...)``."""
     return geodesic_distance(R_pred, R_true)
@@ -292,6 +304,20 @@ def rotate_inplane(R: Tensor, angle: Tensor | float) -> Tensor:
         angle: degrees, broadcastable to ``R.shape[:-2]``.
     """
     return R @ rot_z(_as_tensor(angle, R)).to(R)
+
+
+def inplane_image_matrix(angle: Tensor) -> Tensor:
+    """The image side of :func:`rotate_inplane`: the ``(..., 2, 2)`` linear map of pixel
+    coordinates (x right, y down, about the image centre) that turns an image by ``angle``
+    degrees **clockwise on screen**: ``[[cos, -sin], [sin, cos]]`` (with y down this is clockwise).
+
+    An image warped by it (source -> destination) has the label ``rotate_inplane(R, angle)``.
+    kornia's ``rotate(x, a)`` turns counter-clockwise for positive ``a``: it equals this matrix
+    for ``a = -angle``.
+    """
+    a = torch.deg2rad(angle)
+    c, s = torch.cos(a), torch.sin(a)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
 def camera_direction(R: Tensor) -> Tensor:
@@ -415,6 +441,77 @@ def random_rotation(
     return R.to(dtype=dtype, device=device if device is not None else gen_device)
 
 
+def haar_angle_quantile(u: Tensor) -> Tensor:
+    """Inverse CDF of the Haar rotation angle, ``F(theta) = (theta - sin theta) / pi``.
+
+    ``u`` in [0, 1] -> ``theta`` in radians; solved by bisection (monotone, exact to float64).
+    """
+    target = u * math.pi
+    lo = torch.zeros_like(u)
+    hi = torch.full_like(u, math.pi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        below = (mid - torch.sin(mid)) < target
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def random_rotation_at_least(
+    R: Tensor, delta: float, generator: torch.Generator
+) -> Tensor:
+    """For each ``R[i]``, a rotation uniform (Haar) among those at least ``delta`` deg away.
+
+    ``R_n = R @ U @ Rz(theta) @ U.T``: ``U @ Rz(theta) @ U.T`` is a rotation by ``theta`` about the
+    uniformly distributed axis ``U e_z``, so ``geodesic_distance(R, R_n) == theta``; ``theta`` has
+    the Haar angle density restricted to ``[delta, 180]`` deg. With ``delta = 0`` the result is
+    exactly Haar-uniform. ``R``: ``(n, 3, 3)`` float64; returns the same shape.
+    """
+    if not 0.0 <= delta <= 180.0:
+        raise ValueError(f"delta must be in [0, 180] deg, got {delta}")
+    n = R.shape[0]
+    U = random_rotation(n, generator=generator, dtype=torch.float64)
+    d = math.radians(delta)
+    f_lo = (d - math.sin(d)) / math.pi
+    u = f_lo + (1.0 - f_lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    theta = torch.rad2deg(haar_angle_quantile(u))
+    Q = U @ rot_z(theta).to(U) @ U.transpose(-1, -2)
+    return R @ Q
+
+
+def cap_directions(u_polar: Tensor, u_azimuth: Tensor, max_angle: float) -> Tensor:
+    """Unit vectors uniform on the spherical cap of half-angle ``max_angle`` deg around +z.
+
+    From uniforms in [0, 1): the cosine of the polar angle is uniform in ``[cos(max_angle), 1]``
+    (Archimedes), the azimuth uniform in ``[0, 360)`` deg from +x toward +y. ``(..., 3)``.
+    """
+    cmax = math.cos(math.radians(max_angle))
+    cos_t = 1.0 - u_polar * (1.0 - cmax)
+    sin_t = torch.sqrt((1.0 - cos_t * cos_t).clamp_min(0.0))
+    az = 2.0 * math.pi * u_azimuth
+    return torch.stack([sin_t * torch.cos(az), sin_t * torch.sin(az), cos_t], dim=-1)
+
+
+def in_cap(d: Tensor, max_angle: float, tol: float = 1e-12) -> Tensor:
+    """Boolean ``(...)``: direction ``d`` lies within ``max_angle`` deg of +z."""
+    return d[..., 2] / d.norm(dim=-1) >= math.cos(math.radians(max_angle)) - tol
+
+
+def band_directions(u_height: Tensor, u_azimuth: Tensor, max_elevation: float) -> Tensor:
+    """Unit vectors uniform on the band of the sphere with ``|elevation| <= max_elevation`` deg
+    above or below the x-z plane (y up); azimuth from +z toward +x. From uniforms in [0, 1)."""
+    m = math.sin(math.radians(max_elevation))
+    y = (u_height * 2 - 1) * m
+    az = u_azimuth * 2 * math.pi
+    r = (1 - y * y).clamp_min(0).sqrt()
+    return torch.stack([r * torch.sin(az), y, r * torch.cos(az)], -1)
+
+
+def in_band(d: Tensor, max_elevation: float, tol: float = 1e-12) -> Tensor:
+    """Boolean ``(...)``: direction ``d`` lies within ``max_elevation`` deg of the x-z plane."""
+    return (d[..., 1] / d.norm(dim=-1)).abs() <= math.sin(math.radians(max_elevation)) + tol
+
+
 def sample_euler_box(
     n: int,
     pitch: tuple[float, float] = (-60.0, 60.0),
@@ -536,6 +633,19 @@ class BinSpec:
     def stop(self) -> float:
         return self.start + self.width * self.num_bins
 
+    @property
+    def full_circle(self) -> bool:
+        """Whether the bins cover exactly 360 deg (angles are then wrapped into them)."""
+        return abs(self.num_bins * self.width - 360.0) < 1e-9
+
+    def contains(self, angle: Tensor) -> Tensor:
+        """Boolean mask: ``angle`` (deg) lies in ``[start, stop)`` (NaN does not)."""
+        return (angle >= self.start) & (angle < self.stop)
+
+    def wrap(self, angle: Tensor) -> Tensor:
+        """``angle`` (deg) wrapped by 360 into ``[start, start + 360)``."""
+        return torch.remainder(angle - self.start, 360.0) + self.start
+
     @classmethod
     def from_range(cls, start: float, stop: float, width: float) -> BinSpec:
         n = (stop - start) / width
@@ -567,7 +677,7 @@ def angle_to_bin(angle: Tensor, spec: BinSpec = HOPENET_BINS, name: str = "angle
     ``num_bins``.
     """
     a = angle.detach().double()
-    bad = ~((a >= spec.start) & (a < spec.stop))  # NaN is bad too
+    bad = ~spec.contains(a)  # NaN is bad too
     if bad.any():
         first = a[bad].flatten()[0].item()
         raise ValueError(
@@ -604,5 +714,4 @@ def decode_bins_circular(logits: Tensor, spec: BinSpec) -> Tensor:
                          f"got {logits.shape[-1]}")
     c = torch.deg2rad(bin_centers(spec, dtype=logits.dtype, device=logits.device))
     p = torch.softmax(logits, dim=-1)
-    angle = torch.rad2deg(torch.atan2(p @ torch.sin(c), p @ torch.cos(c)))
-    return torch.remainder(angle - spec.start, 360.0) + spec.start
+    return spec.wrap(torch.rad2deg(torch.atan2(p @ torch.sin(c), p @ torch.cos(c))))

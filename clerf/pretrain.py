@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from clerf.augment import PoseAugment
 from clerf.errors import ConfigError, DataError
-from clerf.geometry import geodesic_distance
+from clerf.geometry import chance_geodesic, geodesic_distance
 from clerf.losses import build_loss
 from clerf.models.encoder import Encoder, build_encoder
 from clerf.streaming import is_stream
@@ -70,13 +70,12 @@ def nn_pose_retrieval(embeddings: Tensor, rotations: Tensor) -> dict[str, float]
     err = geodesic_distance(R, R[nn_idx])
     d = geodesic_distance(R[:, None], R[None, :])
     oracle = d.masked_fill(eye, float("inf")).min(dim=1).values
-    random = d.masked_fill(eye, 0.0).sum(dim=1) / (n - 1)
     return {
         "nn_geodesic_deg": float(err.mean()),
         "nn_median_deg": float(err.median()),
         "nn_within_15deg": float((err <= 15.0).double().mean()),
         "nn_oracle_deg": float(oracle.mean()),
-        "nn_random_deg": float(random.mean()),
+        "nn_random_deg": chance_geodesic(R),
     }
 
 

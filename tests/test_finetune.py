@@ -25,7 +25,6 @@ from clerf.errors import ConfigError, DataError
 from clerf.finetune import (
     FinetuneTask,
     InMemoryLabelled,
-    chance_geodesic,
     evaluate_rotations,
     run_finetune,
 )
@@ -99,13 +98,6 @@ def _ctx(cfg=None, seed: int = 0) -> StepContext:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def test_chance_geodesic_is_about_126_5_for_uniform_rotations():
-    R = random_rotation(1500, torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert chance_geodesic(R) == pytest.approx(126.5, abs=2.0)
-    R2 = rotation_from_euler(torch.zeros(4), torch.zeros(4), torch.zeros(4))
-    assert chance_geodesic(R2) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_evaluate_rotations_matches_direct_geodesic():

@@ -464,3 +464,59 @@ def test_view_angles_landmarks():
     t, f = g.view_angles(torch.stack([up, down, back]).double())
     assert t.tolist() == pytest.approx([0.0, 180.0, 0.0], abs=1e-5)
     assert f.tolist() == pytest.approx([0.0, 0.0, 180.0], abs=1e-5)
+
+
+def test_chance_geodesic_is_about_126_5_for_uniform_rotations():
+    chance_geodesic = g.chance_geodesic
+    R = g.random_rotation(1500, torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert chance_geodesic(R) == pytest.approx(126.5, abs=2.0)  # E[angle] = pi/2 + 2/pi rad
+    R2 = g.rotation_from_euler(torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    assert chance_geodesic(R2) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(chance_geodesic(R[:1]))
+    # the mean over distinct pairs, checked against scipy on a small set
+    Rs = Rotation.from_matrix(R[:9].numpy())
+    d = [(Rs[i].inv() * Rs[j]).magnitude() for i in range(9) for j in range(9) if i != j]
+    assert chance_geodesic(R, max_n=9) == pytest.approx(math.degrees(sum(d) / len(d)), abs=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(1.0, 180.0), st.floats(1.0, 90.0), st.integers(0, 2**31))
+def test_cap_and_band_directions_are_uniform_on_their_regions(max_angle, max_elev, seed):
+    from scipy.stats import kstest
+
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(4, 2000, generator=gen, dtype=torch.float64)
+    d = g.cap_directions(u[0], u[1], max_angle)
+    assert torch.allclose(d.norm(dim=-1), torch.ones(2000, dtype=torch.float64))
+    assert bool(g.in_cap(d, max_angle).all())
+    # Archimedes: on a uniform cap the z coordinate is uniform in [cos(max_angle), 1]
+    lo = math.cos(math.radians(max_angle))
+    assert kstest(d[:, 2].numpy(), "uniform", args=(lo, 1 - lo)).pvalue > 1e-4
+    b = g.band_directions(u[2], u[3], max_elev)
+    m = math.sin(math.radians(max_elev))
+    assert bool(g.in_band(b, max_elev).all())
+    assert kstest(b[:, 1].numpy(), "uniform", args=(-m, 2 * m)).pvalue > 1e-4
+    # the azimuth of the band is uniform too (from +z toward +x)
+    az = torch.atan2(b[:, 0], b[:, 2]).numpy()
+    assert kstest(az, "uniform", args=(-math.pi, 2 * math.pi)).pvalue > 1e-4
+    # directions just outside are refused
+    out = g.cap_directions(torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                           min(max_angle + 1.0, 180.0))
+    assert max_angle + 1.0 > 180.0 or not bool(g.in_cap(out, max_angle).any())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(-360.0, 360.0))
+def test_inplane_image_matrix_is_clockwise_and_matches_kornia(angle):
+    from kornia.geometry.transform import get_rotation_matrix2d
+
+    M = g.inplane_image_matrix(torch.tensor([angle], dtype=torch.float64))[0]
+    # kornia's positive angles turn counter-clockwise on screen: the same map for -angle
+    K = get_rotation_matrix2d(torch.zeros(1, 2, dtype=torch.float64),
+                              torch.tensor([-angle], dtype=torch.float64),
+                              torch.ones(1, 2, dtype=torch.float64))[0, :, :2]
+    assert torch.allclose(M, K, atol=1e-12)
+    # a quarter turn clockwise takes "up" (y down: (0, -1)) to "right" (1, 0)
+    q = g.inplane_image_matrix(torch.tensor(90.0, dtype=torch.float64))
+    assert torch.allclose(q @ torch.tensor([0.0, -1.0], dtype=torch.float64),
+                          torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-12)

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from clerf.config import load_config
 from clerf.errors import ConfigError
-from clerf.geometry import geodesic_distance, is_rotation
+from clerf.geometry import geodesic_distance, is_rotation, random_rotation_at_least
 from triplets.generate import build_triplet_sampler
 from triplets.poses import EulerBox, LookAtInplane, UniformSO3, seeded_generator
-from triplets.rules import TripletRule, TripletSampler, sample_rotation_at_least
+from triplets.rules import TripletRule, TripletSampler
 
 
 @settings(max_examples=30, deadline=None)
@@ -59,7 +59,7 @@ def test_plan_depends_only_on_seed_and_index():
 
 def test_uniform_negatives_at_delta_zero_are_haar():
     R = torch.eye(3, dtype=torch.float64).expand(40000, 3, 3)
-    Q = sample_rotation_at_least(R, 0.0, seeded_generator(0))
+    Q = random_rotation_at_least(R, 0.0, seeded_generator(0))
     tr = Q.diagonal(dim1=-2, dim2=-1).sum(-1)
     assert abs(float(tr.mean())) < 0.02 and abs(float((tr * tr).mean()) - 1.0) < 0.03
 
@@ -68,7 +68,7 @@ def test_uniform_negatives_follow_truncated_haar_angle():
     """Oracle: P(theta <= x | theta >= delta) from the Haar CDF (theta - sin theta) / pi."""
     delta = 60.0
     A = UniformSO3().sample(30000, seeded_generator(3))
-    Q = sample_rotation_at_least(A, delta, seeded_generator(4))
+    Q = random_rotation_at_least(A, delta, seeded_generator(4))
     theta = geodesic_distance(A, Q)
     assert float(theta.min()) >= delta - 1e-7
 
@@ -83,7 +83,7 @@ def test_uniform_negatives_follow_truncated_haar_angle():
 
 def test_delta_180_is_exact_and_impossible_delta_rejected():
     A = UniformSO3().sample(100, seeded_generator(5))
-    Q = sample_rotation_at_least(A, 180.0, seeded_generator(6))
+    Q = random_rotation_at_least(A, 180.0, seeded_generator(6))
     assert torch.allclose(geodesic_distance(A, Q), torch.full((100,), 180.0, dtype=A.dtype),
                           atol=1e-5)
     with pytest.raises(ValueError, match="impossible"):

@@ -17,7 +17,6 @@ coordinates; angles in degrees).
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -25,7 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clerf.geometry import lookat_rotation, random_rotation, rotate_inplane, sample_euler_box
+from clerf.geometry import (
+    cap_directions,
+    lookat_rotation,
+    random_rotation,
+    rotate_inplane,
+    sample_euler_box,
+)
 
 __all__ = [
     "PoseSampler",
@@ -138,12 +143,7 @@ class LookAtInplane(PoseSampler):
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
-        # Uniform on the cap: cos(theta) uniform in [cos(max), 1].
-        cmax = math.cos(math.radians(self.max_camera_angle))
-        cos_t = 1.0 - u[:, 0] * (1.0 - cmax)
-        sin_t = torch.sqrt((1.0 - cos_t * cos_t).clamp_min(0.0))
-        az = 2.0 * math.pi * u[:, 1]
-        d = torch.stack([sin_t * torch.cos(az), sin_t * torch.sin(az), cos_t], dim=-1)
+        d = cap_directions(u[:, 0], u[:, 1], self.max_camera_angle)
         lo, hi = self.inplane
         phi = lo + u[:, 2] * (hi - lo)
         return rotate_inplane(lookat_rotation(d), phi)

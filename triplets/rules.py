@@ -29,7 +29,6 @@ the anchor's rotation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clerf.geometry import geodesic_distance, random_rotation, rot_z
+from clerf.geometry import geodesic_distance, random_rotation_at_least
 from triplets.poses import PoseSampler, seeded_generator
 
 __all__ = [
     "TripletPlan",
     "TripletRule",
     "TripletSampler",
-    "sample_rotation_at_least",
 ]
 
 #: stream id mixed into the block seeds (other streams may be added without changing this one)
@@ -99,44 +97,6 @@ class TripletPlan:
                 "anchor_rotations", "negative_rotations", "anchor_ids", "positive_ids",
                 "negative_ids")),
         )
-
-
-def _haar_angle(u: Tensor) -> Tensor:
-    """Inverse CDF of the Haar rotation angle, ``F(theta) = (theta - sin theta) / pi``.
-
-    ``u`` in [0, 1] -> ``theta`` in radians; solved by bisection (monotone, exact to float64).
-    """
-    target = u * math.pi
-    lo = torch.zeros_like(u)
-    hi = torch.full_like(u, math.pi)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        below = (mid - torch.sin(mid)) < target
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return 0.5 * (lo + hi)
-
-
-def sample_rotation_at_least(
-    R: Tensor, delta: float, generator: torch.Generator
-) -> Tensor:
-    """For each ``R[i]``, a rotation uniform (Haar) among those at least ``delta`` deg away.
-
-    ``R_n = R @ U @ Rz(theta) @ U.T``: ``U @ Rz(theta) @ U.T`` is a rotation by ``theta`` about the
-    uniformly distributed axis ``U e_z``, so ``geodesic_distance(R, R_n) == theta``; ``theta`` has
-    the Haar angle density restricted to ``[delta, 180]`` deg. With ``delta = 0`` the result is
-    exactly Haar-uniform. ``R``: ``(n, 3, 3)`` float64; returns the same shape.
-    """
-    if not 0.0 <= delta <= 180.0:
-        raise ValueError(f"delta must be in [0, 180] deg, got {delta}")
-    n = R.shape[0]
-    U = random_rotation(n, generator=generator, dtype=torch.float64)
-    d = math.radians(delta)
-    f_lo = (d - math.sin(d)) / math.pi
-    u = f_lo + (1.0 - f_lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-    theta = torch.rad2deg(_haar_angle(u))
-    Q = U @ rot_z(theta).to(U) @ U.transpose(-1, -2)
-    return R @ Q
 
 
 @dataclass(frozen=True)
@@ -209,7 +169,7 @@ class TripletRule:
 
         def draw(m: int, rows: Tensor) -> Tensor:
             if self.negatives == "uniform":
-                return sample_rotation_at_least(R[rows], delta, generator)
+                return random_rotation_at_least(R[rows], delta, generator)
             return poses.sample(m, generator)
 
         def ok(cand: Tensor, rows: Tensor) -> Tensor:

@@ -71,10 +71,6 @@ DECODE_MODES = ("auto", "expectation", "circular")
 HEAD_TYPES = ("binned", "rotation6d", "both", "sphere")
 
 
-def _spans_full_circle(spec: BinSpec) -> bool:
-    return abs(spec.num_bins * spec.width - 360.0) < 1e-9
-
-
 # --------------------------------------------------------------------------- functional parts
 
 
@@ -86,8 +82,8 @@ def euler_targets(rotations: Tensor, spec: BinSpec | None = None) -> Tensor:
     ``(-180, 180]``, and +180 must land in the first bin of a ``[-180, 180)`` head, not outside it.
     """
     e = torch.stack(euler_from_rotation(rotations), dim=-1)
-    if spec is not None and _spans_full_circle(spec):
-        e = torch.remainder(e - spec.start, 360.0) + spec.start
+    if spec is not None and spec.full_circle:
+        e = spec.wrap(e)
     return e
 
 
@@ -243,7 +239,7 @@ class BinnedEulerHead(PoseHead):
         self.spec = spec
         self.alpha = float(alpha)
         self.decode_mode = decode
-        self.circular = decode == "circular" or (decode == "auto" and _spans_full_circle(spec))
+        self.circular = decode == "circular" or (decode == "auto" and spec.full_circle)
         self.fc = nn.Linear(self.in_features, 3 * spec.num_bins)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
@@ -266,7 +262,7 @@ class BinnedEulerHead(PoseHead):
 
     def in_range(self, rotations: Tensor) -> Tensor:
         e = self.targets(rotations).double()
-        return ((e >= self.spec.start) & (e < self.spec.stop)).all(dim=-1)
+        return self.spec.contains(e).all(dim=-1)
 
     def loss(
         self, outputs: dict[str, Tensor], rotations: Tensor
