@@ -8,6 +8,8 @@ Sections (see ``benchmarks/README.md`` for what each figure means):
 * ``generator``: procedural generator images/s vs ResNet-18 training images/s (bench_generator.py)
 * ``input_pipeline``: pretraining steps fed by HDF5 + augmentation vs in-memory tensors
   (bench_input_pipeline.py)
+* ``photometric``: clerf's YIQ saturation/hue map vs kornia's HSV functions, ms per batch
+  (bench_photometric.py)
 * ``store``: HDF5 triplet store write/read images/s and MB per 1,000 triplets (bench_store.py)
 * ``export``: onnxruntime vs torch eager latency and throughput (bench_export.py)
 * ``prepare``: real-data conversion images/s on a generated 300W-LP-like tree (bench_prepare.py)
@@ -48,8 +50,8 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # the bench_* modules, when imported from elsewhere (tests)
     sys.path.insert(0, str(BENCH))
 
-SECTIONS = ("generator", "input_pipeline", "streaming", "store", "export", "prepare",
-            "pipeline")
+SECTIONS = ("generator", "input_pipeline", "streaming", "photometric", "store", "export",
+            "prepare", "pipeline")
 
 #: the quickstart made tiny for --quick (same config and stages, 32 px, a few steps per stage)
 QUICK_PIPELINE = [
@@ -143,6 +145,23 @@ def sec_streaming(o: argparse.Namespace) -> list[Row]:
     ]  # fmt: skip
 
 
+def sec_photometric(o: argparse.Namespace) -> list[Row]:
+    import bench_photometric
+
+    argv = ["--device", o.device, "--threads", str(o.threads)]
+    if o.quick:
+        argv += ["--size", "32", "--batch", "8", "--rounds", "1", "--repeat", "1"]
+    r = bench_photometric.main(argv)
+    what = f"{r['batch']} images, {r['size']} px"
+    s = "photometric"
+    return [
+        Row(s, f"saturation + hue, YIQ map ({what})", r["yiq_ms"], "ms"),
+        Row(s, f"saturation + hue, kornia HSV ({what})", r["hsv_ms"], "ms"),
+        Row(s, "kornia HSV / YIQ", r["ratio"], "x"),
+        Row(s, f"photometric at defaults ({what})", r["photometric_ms"], "ms"),
+    ]
+
+
 def sec_store(o: argparse.Namespace) -> list[Row]:
     import bench_store
 
@@ -231,6 +250,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "generator": sec_generator,
     "input_pipeline": sec_input_pipeline,
     "streaming": sec_streaming,
+    "photometric": sec_photometric,
     "store": sec_store,
     "export": sec_export,
     "prepare": sec_prepare,

@@ -21,7 +21,12 @@ which is why it is not used with the label rule directly.
 Photometric (label-free, independent for every image): brightness and contrast (multiplicative,
 torchvision-style), saturation and hue (one linear map per image in YIQ space, see
 :func:`chroma_matrix`), grayscale, Gaussian blur (``kornia.filters.gaussian_blur2d``), Gaussian
-noise.
+noise. Saturation is torchvision's (a blend with the luma image); the hue is a rotation of the
+YIQ chroma plane, close to but not the HSV hue: kornia's HSV ``adjust_hue`` and
+``adjust_saturation`` cost about 150x more on a CPU (``benchmarks/bench_photometric.py``), a large
+share of a CPU training step. Every random factor is drawn here from the caller's
+``torch.Generator``: kornia's random augmentations draw from torch's global generator, so a batch
+would no longer depend only on (seed, step, rank).
 
 Triplets: anchor and positive get the SAME label-changing transform (rotation, flips: same
 composed rotation, so they stay a positive pair); the negative gets its own; the framing (scale,
@@ -41,12 +46,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from clerf.config import AugmentConfig
 from clerf.geometry import hflip_rotation, inplane_image_matrix, rotate_inplane, vflip_rotation
 
 __all__ = [
@@ -61,14 +67,8 @@ __all__ = [
     "DEFAULTS",
 ]
 
-#: defaults, identical to ``clerf.config.AugmentConfig``
-DEFAULTS: dict[str, Any] = {
-    "enabled": True, "inplane_deg": 180.0, "p_inplane": 1.0, "p_hflip": 0.5, "p_vflip": 0.0,
-    "scale": [1.0, 1.15], "translate": 0.04, "padding": "zeros",
-    "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.02,
-    "p_grayscale": 0.1, "p_blur": 0.2, "blur_sigma": [0.2, 1.5], "p_noise": 0.2,
-    "noise_std": 0.03,
-}  # fmt: skip
+#: defaults: those of ``clerf.config.AugmentConfig`` (the one source)
+DEFAULTS: dict[str, Any] = asdict(AugmentConfig())
 _PADDING = ("zeros", "border", "reflection")
 
 

@@ -34,6 +34,10 @@ QUICK_FIGURES = [
     ("streaming", "store overhead", "%"),
     ("streaming", "streaming overhead, in process", "%"),
     ("streaming", "streaming overhead, in workers", "%"),
+    ("photometric", "saturation + hue, YIQ map (8 images, 32 px)", "ms"),
+    ("photometric", "saturation + hue, kornia HSV (8 images, 32 px)", "ms"),
+    ("photometric", "kornia HSV / YIQ", "x"),
+    ("photometric", "photometric at defaults (8 images, 32 px)", "ms"),
     *[row for px in (64, 128) for comp in ("none", "lzf", "gzip") for row in (
         ("store", f"write, {px} px, {comp}", "img/s"),
         ("store", f"read, {px} px, {comp} (batch 8, 0 workers)", "img/s"),
@@ -108,7 +112,8 @@ def test_run_all_quick_prints_every_figure_numeric(tmp_path):
 
 
 def test_skip_everything_prints_an_empty_table_and_bad_names_fail(tmp_path):
-    names = ["generator", "input_pipeline", "streaming", "store", "export", "prepare", "pipeline"]
+    names = ["generator", "input_pipeline", "streaming", "photometric", "store", "export",
+             "prepare", "pipeline"]
     proc = subprocess.run([sys.executable, str(RUN_ALL), "--quick", "--skip", *names],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
