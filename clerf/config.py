@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clerf.errors import ConfigError
+from clerf.geometry import HOPENET_BINS
 from clerf.versions import CONVENTIONS_VERSION, __version__
 
 # --------------------------------------------------------------------------- schema sections
@@ -261,11 +262,11 @@ class HeadBinsConfig:
     """Uniform angle bins of a binned Euler head (``docs/conventions.md`` section 5)."""
 
     #: left edge of bin 0, degrees (HopeNet: -99; full range: -180)
-    start: float = -99.0
+    start: float = HOPENET_BINS.start
     #: bin width, degrees
-    width: float = 3.0
+    width: float = HOPENET_BINS.width
     #: number of bins (HopeNet: 66 over [-99, 99); full range: 120 over [-180, 180))
-    num_bins: int = 66
+    num_bins: int = HOPENET_BINS.num_bins
 
 
 @dataclass

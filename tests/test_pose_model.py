@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,8 +69,13 @@ def test_predict_matches_manual_preprocessing():
     x = torch.rand(3, 3, 32, 32)
     mean = torch.tensor(m.preprocessing["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(m.preprocessing["std"]).view(1, 3, 1, 1)
+    # the disk mask by hand: pixel centres within radius * side of the image centre
+    r = m.preprocessing["circle_mask"] * 32
+    yy, xx = np.mgrid[0:32, 0:32] - 15.5
+    disk = torch.from_numpy((yy**2 + xx**2 <= r * r).astype(np.float32))
+    assert 0 < r and 0 < disk.mean() < 1
     with torch.no_grad():
-        feats = m.encoder.backbone((x - mean) / std)
+        feats = m.encoder.backbone((x - mean) / std * disk)
         R = m.head.rotation(m.head(feats))
     torch.testing.assert_close(m.predict(x).rotations, R, atol=1e-5, rtol=0)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clerf.config import EncoderConfig
 from clerf.errors import ConfigError, DataError
 from clerf.models.io import (
     WEIGHTS_NAME,
@@ -40,24 +41,26 @@ __all__ = [
 #: supported backbones and their feature width
 ARCHITECTURES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 ENCODER_KIND = "clerf.encoder"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+#: the defaults of the ``encoder`` config section: the one source of the spec's defaults
+_CONFIG = EncoderConfig()
 
 
 @dataclass
 class EncoderSpec:
-    """Everything that rebuilds an :class:`Encoder` (mirrors ``clerf.config.EncoderConfig``)."""
+    """Everything that rebuilds an :class:`Encoder`: ``clerf.config.EncoderConfig`` without the
+    weights to start from, with the same defaults."""
 
-    arch: str = "resnet18"
-    embedding_dim: int = 128
-    projection_hidden: int = 512
-    input_size: int = 64
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    arch: str = _CONFIG.arch
+    embedding_dim: int = _CONFIG.embedding_dim
+    projection_hidden: int = _CONFIG.projection_hidden
+    input_size: int = _CONFIG.input_size
+    mean: list[float] = field(default_factory=lambda: list(_CONFIG.mean))
+    std: list[float] = field(default_factory=lambda: list(_CONFIG.std))
     #: radius (fraction of the image size) of the centred disk kept by :meth:`Encoder.normalize`;
-    #: 0 = no mask (the library default; the ``encoder`` config section of the training stages
-    #: defaults to 0.44, see ``clerf.config.EncoderConfig``)
-    circle_mask: float = 0.0
+    #: 0 = no mask
+    circle_mask: float = _CONFIG.circle_mask
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:

@@ -141,6 +141,9 @@ class HeadPoseModel(nn.Module):
             "input_size": int(spec.input_size),
             "mean": list(spec.mean),
             "std": list(spec.std),
+            # after normalising: zero outside the centred disk of this radius (fraction of the
+            # side; 0 = none)
+            "circle_mask": float(spec.circle_mask),
             "resize": "antialiased bilinear to input_size x input_size (kornia resize)",
             "input_format": "RGB face crops (B, 3, H, W), uint8 [0, 255] or float [0, 1], "
             "framed like the training crops",
