@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from clerf.devices import resolve_device
 from clerf.errors import ConfigError
 
 __all__ = [
@@ -55,12 +56,6 @@ STREAM_IDENTITY_BASE = 1 << 40
 #: stream ids mixed into the seeds (independent of the triplet sampler's stream 1)
 _STREAM_LABELLED = 11
 _STREAM_HELD_OUT = 12
-
-
-def _render_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _build_generator(cfg: Any, seed: int, device: torch.device, stage: str | None = None):
@@ -281,7 +276,7 @@ def build_stream(cfg: Any, stage: str) -> _Source:
     sc = cfg[stage].stream
     cfg = _stream_triplets_cfg(cfg, stage)
     dev_name = str(cfg.generator.device)
-    gen = _build_generator(cfg, int(cfg.seed), _render_device(dev_name), stage)
+    gen = _build_generator(cfg, int(cfg.seed), resolve_device(dev_name, "generator.device"), stage)
     res = int(cfg.generator.resolution)
     if stage == "pretrain":
         from triplets.generate import build_triplet_sampler
@@ -318,7 +313,8 @@ def held_out_labelled(cfg: Any, n: int, seed_offset: int, batch: int = 128,
     if n < 2:
         raise ConfigError(f"stream.val_size: expected an integer >= 2, got {n}")
     seed = int(cfg.seed) + int(seed_offset)
-    gen = _build_generator(cfg, seed, _render_device(str(cfg.generator.device)), stage)
+    device = resolve_device(str(cfg.generator.device), "generator.device")
+    gen = _build_generator(cfg, seed, device, stage)
     try:
         poses = build_pose_sampler(cfg.triplets)
     except ValueError as exc:

@@ -39,8 +39,8 @@ def register(subparsers, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
+    from clerf.devices import resolve_device
     from clerf.errors import UsageError
     from clerf.inference.detect import BoxMapping, build_detector
     from clerf.inference.model import load_pose_model
@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_frames < 0:
         raise UsageError(f"--max-frames must be >= 0, got {args.max_frames}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device, "--device")
     detector = build_detector(args.detector, boxes=args.boxes)
     mapping = None
     if args.box_scale is not None or args.box_shift is not None:

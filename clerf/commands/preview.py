@@ -88,14 +88,6 @@ def load_rotations(path: str | Path):
         raise DataError(str(exc)) from exc
 
 
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -120,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
             params[key] = getattr(args, key)
     if args.trust_pickle:
         params["trust_pickle"] = True
-    device = _resolve_device(args.device)
+    from clerf.devices import resolve_device
+
+    device = resolve_device(args.device, "--device")
     gen = build_generator(args.generator, seed=args.seed, device=device, **params)
 
     rng = torch.Generator().manual_seed(args.seed)

@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig
 
 from clerf.config import provenance, to_dict
+from clerf.devices import resolve_device
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import geodesic_distance
 
@@ -69,12 +70,6 @@ class RealAnchorResult:
 
 def rendered_path(out: Path) -> Path:
     return out.parent / f"{out.name}.rendered.h5"
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run_real_anchor(
@@ -126,7 +121,8 @@ def run_real_anchor(
 
     g = cfg.generator
     try:
-        gen = build_generator(g.name, seed=int(cfg.seed), device=_device(g.device),
+        device = resolve_device(g.device, "generator.device")
+        gen = build_generator(g.name, seed=int(cfg.seed), device=device,
                               **to_dict(cfg)["generator"]["params"])
     except ValueError as exc:
         raise ConfigError(f"generator: {exc}") from exc
