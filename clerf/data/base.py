@@ -142,7 +142,10 @@ def verify_image_file(path: Path, full: bool = True) -> None:
 
     ``full``: decode it (JPEG in PIL draft mode at 1/8 scale, which still reads the whole
     entropy-coded stream, about 60% of a full decode). Otherwise parse the header only and, for
-    a JPEG, require the end-of-image marker ``FF D9`` in its last bytes (a truncated file lacks it).
+    a JPEG, look for the end-of-image marker ``FF D9`` in its last 64 bytes (a truncated file
+    lacks it); when it is not there (a truncated file, or a valid one with trailing bytes after
+    the marker, which PIL and the peers read) the file is decoded to decide: what the decoder
+    accepts is accepted.
 
     Raises:
         DataError: missing or undecodable image, naming the file.
@@ -154,12 +157,13 @@ def verify_image_file(path: Path, full: bool = True) -> None:
     try:
         with Image.open(path) as img:
             if not full:
-                if img.format == "JPEG":
-                    with open(path, "rb") as fh:
-                        fh.seek(max(0, path.stat().st_size - 64))
-                        if b"\xff\xd9" not in fh.read():
-                            raise OSError("JPEG end-of-image marker missing: file truncated")
-                return
+                if img.format != "JPEG":
+                    return
+                with open(path, "rb") as fh:
+                    fh.seek(max(0, path.stat().st_size - 64))
+                    if b"\xff\xd9" in fh.read():
+                        return
+                # no marker at the end: truncated, or trailing bytes after it; decode to decide
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
@@ -177,8 +181,10 @@ class RealDataset(ABC):
         skip_bad: skip bad files with a counted warning instead of raising.
         verify_images: check every kept image during the scan: ``full`` decodes it (JPEG in
             draft mode), ``header`` (default) parses its header and checks that a JPEG ends with
-            its end-of-image marker (catches missing, foreign and truncated files at ~1/30 of a
-            decode), ``none`` skips the check.
+            its end-of-image marker, decoding it when not (catches missing, foreign and truncated
+            files at ~1/30 of a decode), ``none`` skips the check. With ``skip_bad``, ``header``
+            decodes every image (as ``full``), so that a file corrupted mid-stream is skipped
+            and counted like any other bad file.
     """
 
     #: registry name
@@ -260,8 +266,11 @@ class RealDataset(ABC):
             self.report.count(sample.subset, "rejected_angle")
             return
         if self.verify_images != "none" and sample.image_path is not None:
+            # With skip_bad every kept image is decoded now: a JPEG corrupted mid-stream passes
+            # the header check and would otherwise stop pass 2 instead of being skipped.
+            full = self.verify_images == "full" or self.skip_bad
             try:
-                verify_image_file(sample.image_path, full=self.verify_images == "full")
+                verify_image_file(sample.image_path, full=full)
             except DataError as exc:
                 # scanned was counted above; a bad image is reported as bad, not scanned+kept
                 self.report.per_subset[sample.subset]["scanned"] -= 1
