@@ -201,8 +201,15 @@ def test_aflw2000_empty_dir(tmp_path):
 
 def test_biwi_npz_signs_channels_and_filter(tmp_path):
     images, pose = make_biwi_npz(tmp_path / "biwi.npz", n=5, extreme_row=2)
+    # BIWI is evaluated whole: the +-99 filter only when asked, the count logged either way
     ds = open_dataset("biwi", tmp_path / "biwi.npz")
-    assert (ds.report.scanned, ds.report.kept, ds.report.rejected_angle) == (5, 4, 1)
+    assert (ds.report.scanned, ds.report.kept, ds.report.rejected_angle) == (5, 5, 0)
+    assert ds.report.beyond_protocol == 1
+    assert "5 kept, " not in ds.report.summary()
+    assert "1 kept with an angle beyond +-99 deg" in ds.report.summary()
+    asked = open_dataset("biwi", tmp_path / "biwi.npz", max_abs_angle=99.0)
+    assert (asked.report.kept, asked.report.rejected_angle, asked.report.beyond_protocol) == (
+        4, 1, 1)
     s = ds.samples[1]
     assert s.row == 1 and s.key == "BIWI/000001"
     yaw, pitch, roll = pose[1]

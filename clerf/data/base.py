@@ -81,6 +81,9 @@ class ScanReport:
     kept: int = 0
     rejected_angle: int = 0
     skipped_bad: int = 0
+    #: scanned samples with an angle beyond the benchmark's +-99 deg, whether or not the filter
+    #: removed them (BIWI is evaluated whole: they are kept there unless the filter is asked for)
+    beyond_protocol: int = 0
     #: ``(file, reason)`` of every skipped bad file (``skip_bad=True``)
     bad: list[tuple[str, str]] = field(default_factory=list)
     #: keys of the samples removed by the angle filter
@@ -97,10 +100,14 @@ class ScanReport:
 
     def summary(self) -> str:
         lim = "off" if self.max_abs_angle is None else f"|angles| <= {self.max_abs_angle:g} deg"
-        return (
+        text = (
             f"{self.dataset}: scanned {self.scanned}, kept {self.kept}, rejected by the protocol "
             f"filter ({lim}) {self.rejected_angle}, skipped as bad {self.skipped_bad}"
         )
+        if self.max_abs_angle is None:
+            text += (f"; {self.beyond_protocol} kept with an angle beyond "
+                     f"+-{PROTOCOL_MAX_ABS_ANGLE:g} deg")
+        return text
 
     def as_attrs(self) -> dict[str, Any]:
         """JSON-friendly counts to store with the data (HDF5 attributes)."""
@@ -113,6 +120,7 @@ class ScanReport:
             "count_kept": int(self.kept),
             "count_rejected_angle": int(self.rejected_angle),
             "count_skipped_bad": int(self.skipped_bad),
+            "count_beyond_99_deg": int(self.beyond_protocol),
             "counts_per_subset_json": json.dumps(self.per_subset, sort_keys=True),
             "rejected_keys_json": json.dumps(self.rejected_keys),
             "skipped_bad_json": json.dumps([list(b) for b in self.bad]),
@@ -261,6 +269,8 @@ class RealDataset(ABC):
             self._bad(sample.subset, DataError(f"{where}: non-finite angles {sample.euler}"), where)
             return
         self.report.count(sample.subset, "scanned")
+        if not within_protocol(sample.euler, PROTOCOL_MAX_ABS_ANGLE):
+            self.report.beyond_protocol += 1
         if not within_protocol(sample.euler, self.max_abs_angle):
             self.report.rejected_keys.append(sample.key)
             self.report.count(sample.subset, "rejected_angle")
