@@ -184,13 +184,20 @@ def collect_errors(
             flush(final=False)
         flush(final=True)
     out = {}
+    # The dataset's own Euler triple labels the images as stored: identity views only.
+    ds_euler = source.dataset_euler()
+    identity = {f"{v.protocol}/{v.name}" for v in views if v.angle is None and v.flip is None}
     for key, parts in rows.items():
         local = torch.cat(parts) if parts else torch.zeros(0, 19, dtype=torch.float64)
         allrows = _gather_records(local.to(device), n, world, gather).cpu()
         if allrows.shape[0] != n:
             raise RuntimeError(f"{key}: gathered {allrows.shape[0]} of {n} samples")
-        out[key] = compute_errors(allrows[:, 0].to(torch.int64), allrows[:, 10:].view(-1, 3, 3),
-                                  allrows[:, 1:10].view(-1, 3, 3))
+        index = allrows[:, 0].to(torch.int64)
+        ed = None
+        if ds_euler is not None and key in identity:
+            ed = ds_euler[index.numpy()][:, [1, 0, 2]]  # (pitch, yaw, roll) -> (yaw, pitch, roll)
+        out[key] = compute_errors(index, allrows[:, 10:].view(-1, 3, 3),
+                                  allrows[:, 1:10].view(-1, 3, 3), euler_dataset=ed)
     return out
 
 

@@ -19,6 +19,19 @@ than the model. When every sample is in range the Euler MAE is over all samples;
 not it is computed over the in-range subset and the summary says how many (``euler.n``); when
 none are (full range, large in-plane rotations) it is ``None`` and the summary says why.
 
+**Published-comparable Euler MAE** (``docs/conventions.md`` section 7): HopeNet and 6DRepNet take
+the ground-truth Euler triple straight from the dataset (AFLW2000's ``Pose_Para``, where yaw may
+exceed 90 deg) and average over **every** kept image, wrapping differences by 360. Where the
+evaluated samples carry the dataset's own triple (``SampleErrors.euler_dataset``, from a store's
+``dataset_euler``; the images as stored, no view transform) :func:`summarize` reports that figure
+too (``euler_comparable``), with its N: ground truth = the dataset's triple, every sample, 360-only
+wrap, and the prediction's Euler angles decoded from its matrix as 6DRepNet decodes them
+(``pitch = atan2(R21, R22)``, ``yaw = atan2(-R20, hypot(R00, R10))``, ``roll = atan2(R10, R00)``:
+:func:`clerf.geometry.euler_from_rotation`; at exact gimbal lock 6DRepNet's fallback branch and
+clerf's differ in how pitch and roll share the angle). On a set with |yaw| > 90 labels the two
+figures differ: the matrix route folds such a label into yaw <= 90 with pitch and roll near
++-180, and clerf's figure leaves it out. Every Euler figure carries its ``definition``.
+
 Per-sample errors are computed in float64 after sorting the records by sample index, and means are
 exactly rounded sums (:func:`math.fsum`): the same records in any order give the same bits. (The
 same rotations under *other* indices agree to about 1e-13 deg: vectorised ``atan2`` rounds the
@@ -41,6 +54,9 @@ from clerf.geometry import axis_errors, euler_abs_error, euler_from_rotation, ge
 __all__ = [
     "THRESHOLDS_DEG",
     "EULER_RANGE_DEG",
+    "EULER_DEFINITION",
+    "COMPARABLE_DEFINITION",
+    "comparable_euler_mae",
     "SampleErrors",
     "compute_errors",
     "summarize",
@@ -58,6 +74,19 @@ EULER_RANGE_DEG = 99.0
 #: Euler axes as reported (the peers' tables: yaw, pitch, roll)
 _AXES = ("yaw", "pitch", "roll")
 
+#: how clerf's own Euler MAE (``euler``) is computed
+EULER_DEFINITION = (
+    "clerf: label and prediction both decomposed from their rotation matrices (yaw in "
+    "[-90, 90]), over the samples whose true angles are meaningful (see note), differences "
+    "wrapped by 360 only"
+)
+#: how the published-comparable Euler MAE (``euler_comparable``) is computed
+COMPARABLE_DEFINITION = (
+    "published-comparable: ground truth = the dataset's own Euler triple (e.g. AFLW2000 "
+    "Pose_Para; yaw may exceed 90), every sample, prediction decoded from its matrix as "
+    "6DRepNet does, differences wrapped by 360 only"
+)
+
 
 @dataclass(frozen=True)
 class SampleErrors:
@@ -73,6 +102,8 @@ class SampleErrors:
         euler_true: ``(N, 3)`` true Euler angles ``(yaw, pitch, roll)``.
         euler_pred: ``(N, 3)`` predicted Euler angles ``(yaw, pitch, roll)``.
         euler_err: ``(N, 3)`` absolute Euler errors ``(yaw, pitch, roll)``, wrapped by 360 only.
+        euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` triple where the
+            source has one and the image is as stored; NaN otherwise.
     """
 
     index: np.ndarray
@@ -82,6 +113,7 @@ class SampleErrors:
     euler_true: np.ndarray
     euler_pred: np.ndarray
     euler_err: np.ndarray
+    euler_dataset: np.ndarray
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -96,12 +128,20 @@ def _euler_ypr(R: Tensor) -> Tensor:
     return torch.stack([e.yaw, e.pitch, e.roll], dim=-1)
 
 
-def compute_errors(index: Tensor | np.ndarray, R_pred: Tensor, R_true: Tensor) -> SampleErrors:
+def compute_errors(
+    index: Tensor | np.ndarray,
+    R_pred: Tensor,
+    R_true: Tensor,
+    euler_dataset: np.ndarray | None = None,
+) -> SampleErrors:
     """Per-sample errors of predictions against labels, sorted by ``index``.
 
     Args:
         index: ``(N,)`` unique integer sample ids.
         R_pred, R_true: ``(N, 3, 3)`` rotation matrices (any float dtype; computed in float64).
+        euler_dataset: optional ``(N, 3)`` dataset's own ``(yaw, pitch, roll)`` triple (degrees)
+            of the same samples, in the order of ``index``: the ground truth of the
+            published-comparable Euler MAE. None: unknown (NaN).
 
     Raises:
         ValueError: mismatched shapes or duplicate indices (a padded batch that was not
@@ -123,6 +163,14 @@ def compute_errors(index: Tensor | np.ndarray, R_pred: Tensor, R_true: Tensor) -
     Rt = R_true.detach().to("cpu", torch.float64)[order]
     ax = axis_errors(Rp, Rt)
     et, ep = _euler_ypr(Rt), _euler_ypr(Rp)
+    if euler_dataset is None:
+        ed = np.full((idx.shape[0], 3), np.nan)
+    else:
+        ed = np.asarray(euler_dataset, dtype=np.float64)
+        if ed.shape != (idx.shape[0], 3):
+            raise ValueError(f"compute_errors: euler_dataset must be ({idx.shape[0]}, 3), got "
+                             f"{ed.shape}")
+        ed = ed[order.numpy()]
     return SampleErrors(
         index=idx.numpy(),
         geodesic=geodesic_error(Rp, Rt).numpy(),
@@ -131,6 +179,7 @@ def compute_errors(index: Tensor | np.ndarray, R_pred: Tensor, R_true: Tensor) -
         euler_true=et.numpy(),
         euler_pred=ep.numpy(),
         euler_err=euler_abs_error(ep, et).numpy(),
+        euler_dataset=ed,
     )
 
 
@@ -155,6 +204,29 @@ def merge(parts: Sequence[SampleErrors], offsets: Sequence[int] | None = None) -
 def _mean(x: np.ndarray) -> float:
     """Exactly rounded mean: the same bits in any order (``numpy.mean`` is order-dependent)."""
     return math.fsum(x.tolist()) / x.size
+
+
+def comparable_euler_mae(euler_pred: np.ndarray, euler_dataset: np.ndarray) -> dict[str, Any]:
+    """The published-comparable Euler MAE (module docstring): per-axis mean of
+    ``|wrap360(pred - dataset triple)|`` over every sample, their mean, ``n`` and ``definition``.
+
+    Args:
+        euler_pred: ``(N, 3)`` predicted ``(yaw, pitch, roll)`` decoded from the matrices.
+        euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` (finite).
+    """
+    pred = np.asarray(euler_pred, dtype=np.float64)
+    true = np.asarray(euler_dataset, dtype=np.float64)
+    if pred.shape != true.shape or pred.ndim != 2 or pred.shape[1] != 3 or pred.shape[0] == 0:
+        raise ValueError(f"comparable_euler_mae: expected two (N, 3) arrays, got {pred.shape} "
+                         f"and {true.shape}")
+    if not np.isfinite(true).all():
+        raise ValueError("comparable_euler_mae: the dataset triple is unknown for some samples")
+    e = euler_abs_error(torch.from_numpy(pred), torch.from_numpy(true)).numpy()
+    mae: dict[str, Any] = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
+    mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+    mae["n"] = int(pred.shape[0])
+    mae["definition"] = COMPARABLE_DEFINITION
+    return mae
 
 
 def euler_in_range(
@@ -182,7 +254,9 @@ def summarize(
 
     Returns:
         ``{"n", "geodesic": {"mean", "median", "p90"}, "maev", "under": {"5": share, ...},
-        "euler": {"yaw", "pitch", "roll", "mean", "n", "note"} or {"n": 0, "note"}}``.
+        "euler": {"yaw", "pitch", "roll", "mean", "n", "note", "definition"} or {"n": 0, "note",
+        "definition"}}``, plus ``"euler_comparable": {"yaw", "pitch", "roll", "mean", "n",
+        "definition"}`` when every sample carries the dataset's own triple.
     """
     n = len(errors)
     if n == 0:
@@ -208,13 +282,16 @@ def summarize(
         f", |yaw| <= {max_yaw:g} deg" if max_yaw < 90.0 else ""
     )
     if k == 0:
-        out["euler"] = {"n": 0, "note": f"not reported: no sample has true {box}"}
-        return out
-    e = errors.euler_err[keep]
-    mae = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
-    mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
-    note = "all samples" if k == n else f"over the {k} of {n} samples with true {box}"
-    out["euler"] = {**mae, "n": k, "note": note}
+        out["euler"] = {"n": 0, "note": f"not reported: no sample has true {box}",
+                        "definition": EULER_DEFINITION}
+    else:
+        e = errors.euler_err[keep]
+        mae = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
+        mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+        note = "all samples" if k == n else f"over the {k} of {n} samples with true {box}"
+        out["euler"] = {**mae, "n": k, "note": note, "definition": EULER_DEFINITION}
+    if np.isfinite(errors.euler_dataset).all():
+        out["euler_comparable"] = comparable_euler_mae(errors.euler_pred, errors.euler_dataset)
     return out
 
 
