@@ -16,26 +16,37 @@ import numpy as np
 import scipy.io
 import torch
 from fixtures_data import make_aflw2000, write_pose_mat
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from clerf.cli import main
-from clerf.evaluation.evaluate import EvaluateOptions, evaluate_predictor
-from clerf.evaluation.metrics import COMPARABLE_DEFINITION, comparable_euler_mae
+from clerf.evaluation.evaluate import EvaluateOptions, evaluate_predictor, peers_decoding
+from clerf.evaluation.metrics import COMPARABLE_DEFINITION, comparable_euler_mae, peers_euler
 from clerf.evaluation.protocols import StoreSource
 from clerf.evaluation.report import markdown_report, published_comparison
-from clerf.geometry import rotation_from_euler
+from clerf.geometry import euler_from_rotation, euler_other_branch, rotation_from_euler
 
 RES = 24
 
 
-def _predict(images: torch.Tensor) -> torch.Tensor:
-    """A stand-in model: a pose from the mean colour of the image (so the crop matters), with
-    yaw near 90 so that the matrix round trip of the labels matters too."""
+def _angles(images: torch.Tensor, yaw0: float = 84.0) -> torch.Tensor:
+    """A stand-in model's (pitch, yaw, roll): from the mean colour of the image (so the crop
+    matters), yaw near 90 (so that the Euler branch matters too)."""
     m = images.double().mean(dim=(2, 3))
-    pitch = 120.0 * (m[:, 0] - 0.5)
-    yaw = 84.0 + 40.0 * (m[:, 1] - 0.5)
-    roll = 90.0 * (m[:, 2] - 0.5)
-    return rotation_from_euler(pitch, yaw, roll)
+    return torch.stack([120.0 * (m[:, 0] - 0.5), yaw0 + 40.0 * (m[:, 1] - 0.5),
+                        90.0 * (m[:, 2] - 0.5)], dim=1)
+
+
+def _predict(images: torch.Tensor) -> torch.Tensor:
+    a = _angles(images)
+    return rotation_from_euler(a[:, 0], a[:, 1], a[:, 2])
+
+
+def _predict_bins(images: torch.Tensor) -> torch.Tensor:
+    """As a HopeNet-style binned head: angles inside [-99, 99), then the matrix."""
+    a = _angles(images, yaw0=92.0).clamp(-98.5, 98.5)
+    return rotation_from_euler(a[:, 0], a[:, 1], a[:, 2])
 
 
 def _sixdrepnet_euler(R: torch.Tensor) -> torch.Tensor:
@@ -52,8 +63,9 @@ def _sixdrepnet_euler(R: torch.Tensor) -> torch.Tensor:
                         z * (1 - singular) + zs * singular], dim=1)
 
 
-def _peers_mae(root) -> tuple[dict[str, float], int]:
-    """HopeNet's AFLW2000 loading + torchvision test transform + 6DRepNet's decoding."""
+def _peers_mae(root, hopenet: bool = False) -> tuple[dict[str, float], int]:
+    """HopeNet's AFLW2000 loading + torchvision test transform + 6DRepNet's decoding of the
+    matrix, or (``hopenet``) the binned head's own angles as HopeNet's test script takes them."""
     from torchvision import transforms
 
     tf = transforms.Compose([transforms.Resize(RES), transforms.CenterCrop(RES),
@@ -76,7 +88,10 @@ def _peers_mae(root) -> tuple[dict[str, float], int]:
         img = Image.open(mat_path.with_suffix(".jpg")).convert("RGB")
         img = img.crop((int(x_min), int(y_min), int(x_max), int(y_max)))
         x = tf(img)[None]
-        e = _sixdrepnet_euler(_predict(x)) * 180 / np.pi
+        if hopenet:
+            e = _angles(x, yaw0=92.0).clamp(-98.5, 98.5)
+        else:
+            e = _sixdrepnet_euler(_predict(x)) * 180 / np.pi
         p_pred, y_pred, r_pred = (float(v) for v in e[0])
         for axis, gt, pred in (("yaw", yaw, y_pred), ("pitch", pitch, p_pred),
                                ("roll", roll, r_pred)):
@@ -117,11 +132,24 @@ def test_comparable_mae_equals_the_peers_arithmetic_with_yaw_beyond_90_and_missi
     folded = comparable_euler_mae(e.euler_pred, e.euler_true)
     assert abs(folded["mean"] - want["mean"]) > 1.0
 
+    # a binned head: the peers score its own angles (HopeNet), not the matrix's decomposition
+    bins, _ = evaluate_predictor(_predict_bins, ["standard"], EvaluateOptions(model_batch=4),
+                                 source, None, decoding="bins")
+    got_b = bins["standard"]["views"]["none"]["euler_comparable"]
+    want_b, _ = _peers_mae(fx.root, hopenet=True)
+    for axis in ("yaw", "pitch", "roll", "mean"):
+        assert math.isclose(got_b[axis], want_b[axis], rel_tol=0, abs_tol=1e-6), (axis, got_b)
+    assert got_b["decoding"].startswith("bins")
+    as_matrix, _ = evaluate_predictor(_predict_bins, ["standard"],
+                                      EvaluateOptions(model_batch=4), source, None)
+    assert abs(as_matrix["standard"]["views"]["none"]["euler_comparable"]["mean"]
+               - want_b["mean"]) > 1.0  # the matrix decoding would not reproduce HopeNet
+
     report = {"protocols": ["standard"], "options": {}, "data": source.describe(), "run": {},
               "models": [{"name": "m", "results": summaries}]}
     md = markdown_report(report)
     assert "### Published-comparable Euler MAE" in md
-    assert f"| m | none | 5 | {got['yaw']:.2f} |" in md
+    assert f"| m | none | 5 | {got['yaw']:.2f} |" in md and "| 6drepnet |" in md
     assert "not their setup: 5 images, not the 1969 of the full set" in md
 
 
@@ -139,6 +167,33 @@ def test_published_comparison_names_the_paper_only_for_the_peers_setup():
     biwi_f = {"n": 15000, "attrs": {"source_dataset": "biwi", "protocol_max_abs_angle_deg": 99.0}}
     assert "evaluates BIWI whole" in published_comparison(biwi_f)
     assert "no published counterpart" in published_comparison({"n": 3, "attrs": {}})
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.floats(-179.9, 179.9), y=st.floats(-89.9, 89.9), r=st.floats(-179.9, 179.9))
+def test_euler_other_branch_is_the_same_rotation(p, y, r):
+    e = euler_from_rotation(rotation_from_euler(torch.tensor([p], dtype=torch.float64),
+                                                torch.tensor([y], dtype=torch.float64),
+                                                torch.tensor([r], dtype=torch.float64)))
+    o = euler_other_branch(e)
+    torch.testing.assert_close(rotation_from_euler(o.pitch, o.yaw, o.roll),
+                               rotation_from_euler(e.pitch, e.yaw, e.roll), atol=1e-12, rtol=0)
+    assert float(o.yaw.abs()) >= 90.0 - 1e-9
+
+
+def test_peers_decoding_of_a_model_head():
+    assert peers_decoding({"type": "BinnedEulerHead"}) == "bins"
+    assert peers_decoding({"type": "CombinedHead", "predict_from": "binned"}) == "bins"
+    assert peers_decoding({"type": "CombinedHead", "predict_from": "rotation6d"}) == "6drepnet"
+    assert peers_decoding({"type": "Rotation6DHead"}) == "6drepnet"
+    # a binned head predicting yaw 95: scored as 95 (bins), or as 85 with pitch/roll flipped
+    R = rotation_from_euler(torch.tensor([10.0], dtype=torch.float64),
+                            torch.tensor([95.0], dtype=torch.float64),
+                            torch.tensor([-5.0], dtype=torch.float64))
+    e = euler_from_rotation(R)
+    ypr = torch.stack([e.yaw, e.pitch, e.roll], -1).numpy()
+    np.testing.assert_allclose(peers_euler(ypr, "bins"), [[95.0, 10.0, -5.0]], atol=1e-9)
+    assert abs(float(peers_euler(ypr, "6drepnet")[0, 0]) - 85.0) < 1e-9
 
 
 def test_comparable_mae_wraps_by_360_only_and_uses_every_sample():

@@ -25,12 +25,16 @@ exceed 90 deg) and average over **every** kept image, wrapping differences by 36
 evaluated samples carry the dataset's own triple (``SampleErrors.euler_dataset``, from a store's
 ``dataset_euler``; the images as stored, no view transform) :func:`summarize` reports that figure
 too (``euler_comparable``), with its N: ground truth = the dataset's triple, every sample, 360-only
-wrap, and the prediction's Euler angles decoded from its matrix as 6DRepNet decodes them
-(``pitch = atan2(R21, R22)``, ``yaw = atan2(-R20, hypot(R00, R10))``, ``roll = atan2(R10, R00)``:
+wrap, and the prediction's Euler angles chosen as the peers decode them (``decoding``):
+``6drepnet`` (matrix heads) decomposes the matrix as 6DRepNet does (``pitch = atan2(R21, R22)``,
+``yaw = atan2(-R20, hypot(R00, R10))``, ``roll = atan2(R10, R00)``:
 :func:`clerf.geometry.euler_from_rotation`; at exact gimbal lock 6DRepNet's fallback branch and
-clerf's differ in how pitch and roll share the angle). On a set with |yaw| > 90 labels the two
-figures differ: the matrix route folds such a label into yaw <= 90 with pitch and roll near
-+-180, and clerf's figure leaves it out. Every Euler figure carries its ``definition``.
+clerf's differ in how pitch and roll share the angle); ``bins`` (HopeNet-style binned heads,
+whose angles come straight from the bins in [-99, 99)) takes the other Euler triple of the same
+matrix (:func:`clerf.geometry.euler_other_branch`) where only that one lies in the bins' range,
+so a predicted yaw of 95 is scored as 95, as HopeNet scores it. On a set with |yaw| > 90 labels
+the two figures differ: the matrix route folds such a label into yaw <= 90 with pitch and roll
+near +-180, and clerf's figure leaves it out. Every Euler figure carries its ``definition``.
 
 Per-sample errors are computed in float64 after sorting the records by sample index, and means are
 exactly rounded sums (:func:`math.fsum`): the same records in any order give the same bits. (The
@@ -49,7 +53,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clerf.geometry import axis_errors, euler_abs_error, euler_from_rotation, geodesic_error
+from clerf.geometry import (
+    EulerAngles,
+    axis_errors,
+    euler_abs_error,
+    euler_from_rotation,
+    euler_other_branch,
+    geodesic_error,
+)
 
 __all__ = [
     "THRESHOLDS_DEG",
@@ -57,6 +68,8 @@ __all__ = [
     "EULER_DEFINITION",
     "COMPARABLE_DEFINITION",
     "comparable_euler_mae",
+    "peers_euler",
+    "PEERS_DECODINGS",
     "SampleErrors",
     "compute_errors",
     "summarize",
@@ -83,9 +96,17 @@ EULER_DEFINITION = (
 #: how the published-comparable Euler MAE (``euler_comparable``) is computed
 COMPARABLE_DEFINITION = (
     "published-comparable: ground truth = the dataset's own Euler triple (e.g. AFLW2000 "
-    "Pose_Para; yaw may exceed 90), every sample, prediction decoded from its matrix as "
-    "6DRepNet does, differences wrapped by 360 only"
+    "Pose_Para; yaw may exceed 90), every sample, prediction's Euler angles as the peers decode "
+    "them (see decoding), differences wrapped by 360 only"
 )
+#: how the prediction's Euler angles are chosen for the comparable figure
+PEERS_DECODINGS = {
+    "6drepnet": "decomposed from the predicted matrix as 6DRepNet does (yaw in [-90, 90])",
+    "bins": "the Euler triple of the predicted matrix inside HopeNet's bin range [-99, 99), as "
+            "a binned head outputs it",
+}
+#: the bin range a binned head's angles lie in (docs/conventions.md section 5)
+_BIN_RANGE = (-99.0, 99.0)
 
 
 @dataclass(frozen=True)
@@ -206,13 +227,42 @@ def _mean(x: np.ndarray) -> float:
     return math.fsum(x.tolist()) / x.size
 
 
-def comparable_euler_mae(euler_pred: np.ndarray, euler_dataset: np.ndarray) -> dict[str, Any]:
-    """The published-comparable Euler MAE (module docstring): per-axis mean of
-    ``|wrap360(pred - dataset triple)|`` over every sample, their mean, ``n`` and ``definition``.
+def peers_euler(euler_pred: np.ndarray, decoding: str = "6drepnet") -> np.ndarray:
+    """The predicted ``(yaw, pitch, roll)`` as the peers decode them (module docstring).
 
     Args:
-        euler_pred: ``(N, 3)`` predicted ``(yaw, pitch, roll)`` decoded from the matrices.
+        euler_pred: ``(N, 3)`` ``(yaw, pitch, roll)`` from
+            :func:`clerf.geometry.euler_from_rotation`.
+        decoding: a key of :data:`PEERS_DECODINGS`.
+    """
+    if decoding not in PEERS_DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r} (known: {', '.join(PEERS_DECODINGS)})")
+    pred = np.asarray(euler_pred, dtype=np.float64)
+    if decoding == "6drepnet":
+        return pred
+    t = torch.from_numpy(pred)
+    other = euler_other_branch(EulerAngles(t[:, 1], t[:, 0], t[:, 2]))
+    alt = torch.stack([other.yaw, other.pitch, other.roll], dim=-1).numpy()
+    lo, hi = _BIN_RANGE
+
+    def inside(x: np.ndarray) -> np.ndarray:
+        return ((x >= lo) & (x < hi)).all(axis=1)
+
+    use = inside(alt) & ~inside(pred)
+    return np.where(use[:, None], alt, pred)
+
+
+def comparable_euler_mae(
+    euler_pred: np.ndarray, euler_dataset: np.ndarray, decoding: str = "6drepnet"
+) -> dict[str, Any]:
+    """The published-comparable Euler MAE (module docstring): per-axis mean of
+    ``|wrap360(pred - dataset triple)|`` over every sample, their mean, ``n``, ``definition``
+    and ``decoding``.
+
+    Args:
+        euler_pred: ``(N, 3)`` predicted ``(yaw, pitch, roll)`` decomposed from the matrices.
         euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` (finite).
+        decoding: how the peers get the prediction's angles (:data:`PEERS_DECODINGS`).
     """
     pred = np.asarray(euler_pred, dtype=np.float64)
     true = np.asarray(euler_dataset, dtype=np.float64)
@@ -221,11 +271,13 @@ def comparable_euler_mae(euler_pred: np.ndarray, euler_dataset: np.ndarray) -> d
                          f"and {true.shape}")
     if not np.isfinite(true).all():
         raise ValueError("comparable_euler_mae: the dataset triple is unknown for some samples")
+    pred = peers_euler(pred, decoding)
     e = euler_abs_error(torch.from_numpy(pred), torch.from_numpy(true)).numpy()
     mae: dict[str, Any] = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
     mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
     mae["n"] = int(pred.shape[0])
     mae["definition"] = COMPARABLE_DEFINITION
+    mae["decoding"] = f"{decoding}: {PEERS_DECODINGS[decoding]}"
     return mae
 
 
@@ -243,6 +295,7 @@ def summarize(
     euler_range: float = EULER_RANGE_DEG,
     max_yaw: float = 90.0,
     thresholds: Sequence[float] = THRESHOLDS_DEG,
+    decoding: str = "6drepnet",
 ) -> dict[str, Any]:
     """Report figures of one set of per-sample errors (degrees; shares in [0, 1]).
 
@@ -251,6 +304,7 @@ def summarize(
         euler: report Euler MAE at all (``False`` for full-range protocols).
         euler_range, max_yaw: the Euler-meaningful box (module docstring).
         thresholds: geodesic thresholds for the ``under`` shares.
+        decoding: how the comparable figure reads the prediction's angles (:func:`peers_euler`).
 
     Returns:
         ``{"n", "geodesic": {"mean", "median", "p90"}, "maev", "under": {"5": share, ...},
@@ -291,7 +345,8 @@ def summarize(
         note = "all samples" if k == n else f"over the {k} of {n} samples with true {box}"
         out["euler"] = {**mae, "n": k, "note": note, "definition": EULER_DEFINITION}
     if np.isfinite(errors.euler_dataset).all():
-        out["euler_comparable"] = comparable_euler_mae(errors.euler_pred, errors.euler_dataset)
+        out["euler_comparable"] = comparable_euler_mae(errors.euler_pred, errors.euler_dataset,
+                                                       decoding)
     return out
 
 

@@ -167,18 +167,22 @@ def _comparable_table(report: dict[str, Any], protocol: str) -> list[str]:
         for view, s in m["results"][protocol]["views"].items():
             c = s.get("euler_comparable")
             if c:
+                dec = str(c.get("decoding", "6drepnet")).split(":")[0]
                 rows.append("| " + " | ".join([m["name"], view, str(c["n"]), _fmt(c["yaw"]),
                                                _fmt(c["pitch"]), _fmt(c["roll"]),
-                                               _fmt(c["mean"])]) + " |")
+                                               _fmt(c["mean"]), dec]) + " |")
     if not rows:
         return []
     return [
         "### Published-comparable Euler MAE", "",
         "Ground truth = the dataset's own Euler triple (AFLW2000: `Pose_Para`, where yaw may "
-        "exceed 90 deg), every evaluated image (N), prediction decoded from its matrix as "
-        "6DRepNet does, differences wrapped by 360 only (docs/conventions.md section 7). "
+        "exceed 90 deg), every evaluated image (N), the prediction's angles as the peers "
+        "decode them (decoding `6drepnet`: decomposed from the matrix as 6DRepNet does; `bins`: "
+        "a binned head's own angles in [-99, 99), as HopeNet's), differences wrapped by 360 "
+        "only (docs/conventions.md section 7). "
         f"This figure {published_comparison(report.get('data'))}.", "",
-        "| model | view | N | yaw | pitch | roll | mean |", "|---|---|---|---|---|---|---|",
+        "| model | view | N | yaw | pitch | roll | mean | decoding |",
+        "|---|---|---|---|---|---|---|---|",
         *rows, "",
     ]
 
