@@ -16,7 +16,9 @@ Rendering a target rotation ``R`` (``docs/conventions.md`` sections 3 and 4):
 3. ``R_lookat`` -> 25-number camera (:mod:`generators.camera`); the mapping network is conditioned
    on the frontal camera (``conditioning="frontal"``, EG3D's default) or on the rendering camera;
 4. ``G.mapping(z, c_cond, truncation_psi, truncation_cutoff)`` then ``G.synthesis(ws, c)['image']``
-   in [-1, 1];
+   in [-1, 1]; with ``rng="per_sample"`` (default) one sample at a time inside a forked torch
+   generator seeded by :func:`render_seed` (EG3D's renderer draws depth jitter and importance
+   samples from the global generator), so renders repeat byte for byte;
 5. the exact in-plane rotation by ``phi`` clockwise (kornia ``rotate`` by ``-phi``), area resize to
    the requested resolution, uint8;
 6. the label is computed from the camera actually passed to the network

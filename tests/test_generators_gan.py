@@ -273,8 +273,13 @@ def test_renders_repeat_byte_for_byte_when_the_network_draws_random_numbers(stan
     R = rotation_from_euler(torch.tensor([5.0, -10, 20]), torch.tensor([10.0, 30, -25]),
                             torch.tensor([0.0, 40, -90]))  # fmt: skip
     ids = torch.tensor([3, 7, 11])
-    gen = EG3DGenerator.from_network(mod.StandInGAN(img_resolution=32, draws=True), seed=2)
+    net = mod.StandInGAN(img_resolution=32, draws=True)
+    gen = EG3DGenerator.from_network(net, seed=2)
     a = gen.render(ids, R, 32)
+    # the mapping network is conditioned on EG3D's own frontal camera: (0, 0, 2.7), not 2.9
+    conds = torch.cat([c for k, c, _ in net.calls if k == "mapping"]).double()
+    expected = torch.tensor([0.0, 0.0, 2.7], dtype=torch.float64).expand(len(ids), 3)
+    torch.testing.assert_close(camera_position(conds), expected, atol=1e-6, rtol=0)
     torch.rand(1000)  # someone else draws in between
     b = gen.render(ids, R, 32)
     assert torch.equal(a.images, b.images)
