@@ -347,15 +347,20 @@ class PrepareConfig:
     root: str = ""
     #: ``train`` or ``test``; "" = the dataset's usual role (300W-LP train, others test)
     split: str = ""
-    #: crop preset (``hopenet_train``, ``hopenet_test``, ``train_rule_k02``, ``none``);
-    #: "" = the split's preset (train: hopenet_train, test: hopenet_test; BIWI: none)
+    #: crop preset (``hopenet_train``, ``hopenet_test``, ``hopenet_test_corrected``,
+    #: ``train_rule_k02``, ``none``); "" = the split's preset (train: hopenet_train, test:
+    #: hopenet_test, the peers' exact crop; BIWI: none)
     crop: str = ""
     #: stored images are resolution x resolution RGB
     resolution: int = 64
-    #: ``center`` (torchvision Resize + CenterCrop, the peers' test transform) or ``stretch``
+    #: ``center`` = ``hopenet`` (torchvision Resize(r) + CenterCrop(r), HopeNet's test
+    #: transform), ``6drepnet`` (Resize(r*256/224) + CenterCrop(r), 6DRepNet's) or ``stretch``
     resize: str = "center"
     #: protocol filter: keep samples with all |angles| <= this (deg); null = keep all
     max_abs_angle: float | None = 99.0
+    #: BIWI is evaluated whole: apply ``max_abs_angle`` to BIWI only when this is true (the
+    #: count beyond +-99 deg is logged and stored either way)
+    biwi_filter: bool = False
     #: skip bad files with a counted warning instead of stopping
     skip_bad: bool = False
     #: image check during the scan: ``header`` (header + JPEG end marker), ``full`` (decode),

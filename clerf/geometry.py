@@ -36,6 +36,7 @@ __all__ = [
     "rot_z",
     "rotation_from_euler",
     "euler_from_rotation",
+    "euler_other_branch",
     "rotation_from_6d",
     "sixd_from_rotation",
     "nearest_rotation",
@@ -175,6 +176,18 @@ def euler_from_rotation(R: Tensor, eps: float | None = None) -> EulerAngles:
     pitch = torch.where(singular, pitch_singular, pitch_regular)
     roll = torch.where(singular, torch.zeros_like(roll_regular), roll_regular)
     return EulerAngles(torch.rad2deg(pitch), torch.rad2deg(yaw), torch.rad2deg(roll))
+
+
+def euler_other_branch(e: EulerAngles) -> EulerAngles:
+    """The other Euler triple of the same rotation (degrees): ``(pitch + 180, +-180 - yaw,
+    roll + 180)``, wrapped by 360 into ``[-180, 180)``; the sign of the 180 is that of ``yaw``.
+
+    ``euler_from_rotation`` returns the branch with ``|yaw| <= 90``; this is the one with
+    ``|yaw| >= 90`` (e.g. AFLW2000's labels with yaw in (90, 99], as HopeNet's bins decode them).
+    """
+    yaw = torch.where(e.yaw >= 0, 180.0 - e.yaw, -180.0 - e.yaw)
+    return EulerAngles(wrap_degrees(e.pitch + 180.0), wrap_degrees(yaw),
+                       wrap_degrees(e.roll + 180.0))
 
 
 # --------------------------------------------------------------------------- 6D representation

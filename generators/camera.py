@@ -18,10 +18,15 @@ the viewer), the camera axes in world coordinates are the columns of ``R``, and
     cam2world rotation = R @ diag(1, -1, -1)       (OpenCV y down, z forward)
     camera position    = pivot + radius * (R @ e_z)
 
+    camera position    = pivot + t * (R @ e_z),  t > 0 with |position - orbit_centre| = radius
+
 Conversely the label of any cam2world matrix is ``R = Rc @ diag(1, -1, -1)``, whatever angles
-were asked for. Note that EG3D's own sampler places the camera on a sphere around the world
-origin while looking at the pivot; clerf places it on a sphere around the pivot, so that the head
-centre is on the optical axis. The rendered label depends only on the rotation part either way.
+were asked for. Like EG3D's own ``LookAtPoseSampler``, its training cameras and ``gen_samples.py``,
+the camera sits on the sphere of ``radius`` about the **world origin** (``orbit_centre``) and looks
+at the pivot: for EG3D (pivot ``(0, 0, 0.2)``) the frontal camera is at ``(0, 0, 2.7)``, 2.5 from
+the pivot, not 2.9. Placing it 2.7 from the pivot instead renders heads at 0.926x EG3D's own
+frontal size and conditions the mapping network on cameras it never saw. PanoHead's pivot is the
+origin, so there the two are the same. The rotation (hence the label) is the same either way.
 """
 
 from __future__ import annotations
@@ -52,11 +57,13 @@ _CV = (1.0, -1.0, -1.0)  # clerf camera axes (x right, y up, z back) -> OpenCV (
 
 @dataclass(frozen=True)
 class CameraPreset:
-    """Orbit of a GAN's training cameras: ``radius`` around ``pivot``, normalised ``focal``."""
+    """Orbit of a GAN's training cameras: on the sphere of ``radius`` about ``orbit_centre``,
+    looking at ``pivot``; normalised ``focal``. The pivot must lie inside the sphere."""
 
     radius: float
     pivot: tuple[float, float, float]
     focal: float = FFHQ_FOCAL
+    orbit_centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 EG3D_FFHQ = CameraPreset(radius=2.7, pivot=(0.0, 0.0, 0.2))
@@ -71,7 +78,8 @@ def intrinsics(focal: float, dtype: torch.dtype = torch.float64, device=None) ->
 def camera_from_rotation(R: Tensor, preset: CameraPreset) -> Tensor:
     """The 25-number camera whose image of the head has label ``R``: ``(B, 25)``.
 
-    The camera looks at ``preset.pivot`` from distance ``preset.radius`` along ``R @ e_z``.
+    The camera looks at ``preset.pivot`` along ``-R @ e_z`` from the point of that viewing ray
+    on the sphere of ``preset.radius`` about ``preset.orbit_centre`` (module docstring).
     Pass a roll-free ``R`` (from :func:`clerf.geometry.split_camera_inplane`) for the look-at
     cameras the GANs were trained on; any rotation is converted exactly.
 
@@ -82,7 +90,17 @@ def camera_from_rotation(R: Tensor, preset: CameraPreset) -> Tensor:
     cv = torch.tensor(_CV, dtype=R.dtype, device=R.device)
     rot = R * cv  # columns scaled: R @ diag(1, -1, -1)
     pivot = torch.tensor(preset.pivot, dtype=R.dtype, device=R.device)
-    origin = pivot + preset.radius * R[..., :, 2]
+    centre = torch.tensor(preset.orbit_centre, dtype=R.dtype, device=R.device)
+    d = R[..., :, 2]  # unit viewing direction (from the pivot toward the camera)
+    # pivot + t d on the sphere: t^2 + 2 t (d . q) + |q|^2 - r^2 = 0 with q = pivot - centre;
+    # the pivot is inside the sphere, so the positive root is the only one in front of it.
+    q = pivot - centre
+    if float(q.norm()) >= preset.radius:
+        raise ValueError(f"camera: the pivot {preset.pivot} must lie inside the orbit of radius "
+                         f"{preset.radius:g} about {preset.orbit_centre}")
+    dq = (d * q).sum(-1)
+    t = -dq + torch.sqrt(dq * dq - (q * q).sum() + preset.radius**2)
+    origin = pivot + t[..., None] * d
     B = R.shape[0]
     c2w = torch.zeros(B, 4, 4, dtype=R.dtype, device=R.device)
     c2w[:, :3, :3] = rot

@@ -16,7 +16,9 @@ Rendering a target rotation ``R`` (``docs/conventions.md`` sections 3 and 4):
 3. ``R_lookat`` -> 25-number camera (:mod:`generators.camera`); the mapping network is conditioned
    on the frontal camera (``conditioning="frontal"``, EG3D's default) or on the rendering camera;
 4. ``G.mapping(z, c_cond, truncation_psi, truncation_cutoff)`` then ``G.synthesis(ws, c)['image']``
-   in [-1, 1];
+   in [-1, 1]; with ``rng="per_sample"`` (default) one sample at a time inside a forked torch
+   generator seeded by :func:`render_seed` (EG3D's renderer draws depth jitter and importance
+   samples from the global generator), so renders repeat byte for byte;
 5. the exact in-plane rotation by ``phi`` clockwise (kornia ``rotate`` by ``-phi``), area resize to
    the requested resolution, uint8;
 6. the label is computed from the camera actually passed to the network
@@ -25,8 +27,10 @@ Rendering a target rotation ``R`` (``docs/conventions.md`` sections 3 and 4):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
+import struct
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,9 +61,33 @@ from generators.camera import (
     rotation_from_camera,
 )
 
-__all__ = ["GANAdapter", "EG3DGenerator", "PanoHeadGenerator", "load_network"]
+__all__ = ["GANAdapter", "EG3DGenerator", "PanoHeadGenerator", "load_network", "render_seed"]
 
 _PADDING = ("zeros", "border", "reflection")
+#: ``per_sample``: each sample is synthesised alone under a forked torch generator seeded by
+#: :func:`render_seed` (repeatable, independent of batching); ``global``: batches of
+#: ``batch_size`` draw from torch's global generator as EG3D's own scripts do (not repeatable).
+RNG_MODES = ("per_sample", "global")
+
+
+def render_seed(seed: int, identity: int, target: Tensor) -> int:
+    """The torch seed of one render: a hash of ``(seed, identity, target rotation)``.
+
+    The rotation is rounded to 1e-6 first, so float32 and float64 copies of a target agree.
+    """
+    t = torch.round(target.detach().to("cpu", torch.float64) * 1e6).to(torch.int64)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack("<qq", int(seed), int(identity)))
+    h.update(t.contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _forked_devices(device: torch.device | str) -> list[int]:
+    """CUDA devices whose generators :func:`torch.random.fork_rng` must save and restore."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return []
+    return list(range(torch.cuda.device_count()))
 
 
 def load_network(checkout: str | Path | None, network: str | Path | None, trust_pickle: bool,
@@ -67,8 +95,10 @@ def load_network(checkout: str | Path | None, network: str | Path | None, trust_
     """Load ``G_ema`` from a user's network pickle, with the user's checkout on ``sys.path``.
 
     Uses the checkout's ``legacy.load_network_pkl`` when it has ``legacy.py`` (EG3D, PanoHead),
-    else plain ``pickle``. Raises ``ValueError`` with a one-line reason: not trusted, no checkout
-    or pickle given, folder or file missing, or the object lacks the generator interface.
+    else plain ``pickle``; a pickle that holds only ``G_ema`` (EG3D's loader then fails with
+    ``KeyError: 'G'``) is read with plain ``pickle``. Raises ``ValueError`` with a one-line
+    reason: not trusted, no checkout or pickle given, folder or file missing, or the object
+    lacks the generator interface.
     """
     if network is None or str(network) == "":
         raise ValueError(f"{who}: no network pickle given (set params.network: path/to/G.pkl)")
@@ -93,17 +123,25 @@ def load_network(checkout: str | Path | None, network: str | Path | None, trust_
     if str(ck.resolve()) not in sys.path:
         sys.path.insert(0, str(ck.resolve()))
     try:
-        with open(pkl, "rb") as f:
-            if (ck / "legacy.py").is_file():
-                import legacy  # type: ignore[import-not-found]  # the user's checkout
+        data = None
+        if (ck / "legacy.py").is_file():
+            import legacy  # type: ignore[import-not-found]  # the user's checkout
 
-                data = legacy.load_network_pkl(f)
-            else:
+            try:
+                with open(pkl, "rb") as f:
+                    data = legacy.load_network_pkl(f)
+            except (KeyError, AssertionError):
+                # EG3D's loader insists on 'G' and 'D' (KeyError: 'G' for a pickle that holds
+                # only G_ema); the pickle itself is fine: read it plainly, G_ema is all we use.
+                data = None
+        if data is None:
+            with open(pkl, "rb") as f:
                 data = pickle.load(f)
-    except (ImportError, AttributeError, pickle.UnpicklingError, EOFError) as exc:
+    except Exception as exc:  # unpickling runs the file's code: anything can come out
+        msg = " ".join(str(exc).split())
         raise ValueError(
             f"{who}: cannot unpickle '{pkl}' with checkout '{ck}': "
-            f"{exc.__class__.__name__}: {exc}"
+            f"{exc.__class__.__name__}: {msg}"
         ) from exc
     G = data.get("G_ema", data.get("G")) if isinstance(data, dict) else data
     _check_interface(G, who, str(pkl))
@@ -135,8 +173,13 @@ class GANAdapter(PoseGenerator):
         unreachable: ``"error"`` or ``"resample"`` for targets outside the usable camera range.
         radius, pivot, focal: override the preset orbit and focal length.
         padding: how kornia fills corners of the in-plane rotation (zeros, border, reflection).
-        noise_mode: passed to ``G.synthesis`` (``"const"`` makes images deterministic).
-        batch_size: network batch size (memory bound).
+        noise_mode: passed to ``G.synthesis`` (``"const"`` fixes the noise inputs; the renderer
+            still draws depth jitter and importance samples from torch's generator, see ``rng``).
+        batch_size: network batch size with ``rng="global"`` (memory bound).
+        rng: ``per_sample`` (default: each sample synthesised alone under a forked generator
+            seeded by :func:`render_seed`, so renders repeat byte for byte whatever the batching,
+            resuming or sharding) or ``global`` (batches drawing from torch's global generator,
+            as EG3D's scripts do: faster, not repeatable).
         G: an already loaded network (programmatic use; bypasses checkout/network/trust).
     """
 
@@ -160,6 +203,7 @@ class GANAdapter(PoseGenerator):
         padding: str = "reflection",
         noise_mode: str = "const",
         batch_size: int = 8,
+        rng: str = "per_sample",
         G: Any = None,
     ) -> None:
         super().__init__(seed=seed, device=device)
@@ -174,6 +218,8 @@ class GANAdapter(PoseGenerator):
             )
         if padding not in _PADDING:
             raise ValueError(f"{who}: padding must be one of {_PADDING}, got {padding!r}")
+        if rng not in RNG_MODES:
+            raise ValueError(f"{who}: rng must be one of {RNG_MODES}, got {rng!r}")
         if int(batch_size) < 1:
             raise ValueError(f"{who}: batch_size must be >= 1, got {batch_size}")
         p = self.preset
@@ -181,15 +227,21 @@ class GANAdapter(PoseGenerator):
             radius=float(radius if radius is not None else p.radius),
             pivot=tuple(float(x) for x in (pivot if pivot is not None else p.pivot)),  # type: ignore[arg-type]
             focal=float(focal if focal is not None else p.focal),
+            orbit_centre=p.orbit_centre,
         )
         if len(self.camera.pivot) != 3 or self.camera.radius <= 0 or self.camera.focal <= 0:
             raise ValueError(f"{who}: bad camera (radius > 0, pivot (x, y, z), focal > 0)")
+        off = math.dist(self.camera.pivot, self.camera.orbit_centre)
+        if off >= self.camera.radius:
+            raise ValueError(f"{who}: the pivot {list(self.camera.pivot)} must lie inside the "
+                             f"camera orbit (radius {self.camera.radius:g} about the origin)")
         self.checkout, self.network = checkout, network
         self.truncation_psi = float(truncation_psi)
         self.truncation_cutoff = truncation_cutoff
         self.conditioning, self.unreachable = conditioning, unreachable
         self.padding, self.noise_mode = padding, noise_mode
         self.batch_size = int(batch_size)
+        self.rng = rng
         if G is None:
             G = load_network(checkout, network, bool(trust_pickle), who)
         else:
@@ -210,8 +262,9 @@ class GANAdapter(PoseGenerator):
             "truncation_psi": self.truncation_psi, "truncation_cutoff": self.truncation_cutoff,
             "conditioning": self.conditioning, "unreachable": self.unreachable,
             "radius": self.camera.radius, "pivot": list(self.camera.pivot),
-            "focal": self.camera.focal, "padding": self.padding, "noise_mode": self.noise_mode,
-            "batch_size": self.batch_size,
+            "focal": self.camera.focal, "orbit_centre": list(self.camera.orbit_centre),
+            "padding": self.padding, "noise_mode": self.noise_mode,
+            "batch_size": self.batch_size, "rng": self.rng,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ camera range
@@ -293,17 +346,31 @@ class GANAdapter(PoseGenerator):
         z = self.latents(ids)
         dev = self.device
         out = []
-        for s in range(0, len(ids), self.batch_size):
-            sl = slice(s, s + self.batch_size)
-            ws = self.G.mapping(z[sl].to(dev), cond[sl].to(dev),
-                                truncation_psi=self.truncation_psi,
-                                truncation_cutoff=self.truncation_cutoff)  # fmt: skip
-            img = self.G.synthesis(ws, cams[sl].to(dev), noise_mode=self.noise_mode)["image"]
-            out.append(self._finish(img.float(), phi[sl].to(dev, torch.float32), res))
+        if self.rng == "per_sample":
+            # EG3D's renderer draws depth jitter and importance samples from torch's global
+            # generator: fork it and seed it per (seed, identity, target) around each call, so a
+            # sample's image never depends on what was rendered before or beside it.
+            for i in range(len(ids)):
+                with torch.random.fork_rng(devices=_forked_devices(dev)):
+                    torch.manual_seed(render_seed(self.seed, int(ids[i]), R[i]))
+                    img = self._synthesize(z[i : i + 1], cond[i : i + 1], cams[i : i + 1])
+                out.append(self._finish(img.float(), phi[i : i + 1].to(dev, torch.float32), res))
+        else:
+            for s in range(0, len(ids), self.batch_size):
+                sl = slice(s, s + self.batch_size)
+                img = self._synthesize(z[sl], cond[sl], cams[sl])
+                out.append(self._finish(img.float(), phi[sl].to(dev, torch.float32), res))
         images = torch.cat(out)
         # the label of the image: from the camera actually used, then the exact in-plane step
         labels = rotate_inplane(rotation_from_camera(cams.double()), phi)
         return Rendered(images=images, rotations=labels.to(dev, torch.float32))
+
+    def _synthesize(self, z: Tensor, cond: Tensor, cams: Tensor) -> Tensor:
+        """``G.mapping`` then ``G.synthesis``: the network's ``(B, 3, H, W)`` image in [-1, 1]."""
+        dev = self.device
+        ws = self.G.mapping(z.to(dev), cond.to(dev), truncation_psi=self.truncation_psi,
+                            truncation_cutoff=self.truncation_cutoff)  # fmt: skip
+        return self.G.synthesis(ws, cams.to(dev), noise_mode=self.noise_mode)["image"]
 
     def _finish(self, img: Tensor, phi: Tensor, res: int) -> Tensor:
         """[-1, 1] network output -> turned clockwise by ``phi`` -> resized -> uint8."""

@@ -13,6 +13,7 @@ from clerf.data.crop import (
     crop_box,
     crop_image,
     get_preset,
+    has_missing_landmarks,
     landmark_box,
     protocol_crop,
     resize_square,
@@ -54,6 +55,10 @@ def test_presets_are_what_the_docs_say():
     assert factors(tr) == (0.6, 2, 0.6, 0.6, 0.2, 0.4)
     assert factors(te) == (2, 2, 2, 0.6, 0.2, 0.2)
     assert tr.random and not te.random
+    # the peers' presets take -1 landmarks as they are; the corrected alternative excludes them
+    assert tr.missing == te.missing == "peers"
+    tc = CROP_PRESETS["hopenet_test_corrected"]
+    assert factors(tc) == factors(te) and tc.missing == "exclude"
     with pytest.raises(ValueError, match="unknown crop preset 'nope'.*hopenet_train"):
         get_preset("nope")
     with pytest.raises(ValueError, match="does not crop"):
@@ -91,6 +96,40 @@ def test_landmark_box_excludes_missing_points():
     # a genuinely negative coordinate (off-image) is kept
     pts2 = np.array([[-3.5, 20.0], [4.0, 9.0]])
     assert landmark_box(pts2) == (-3.5, 4.0, 20.0, 9.0)
+
+
+def _hopenet_aflw2000_box(pt2d: np.ndarray, k: float = 0.2) -> tuple[int, int, int, int]:
+    """HopeNet's ``AFLW2000.__getitem__`` arithmetic, written out plainly (min/max over the raw
+    ``pt2d`` values, -1 included; the right/bottom updates use the moved left/top)."""
+    x_min = min(pt2d[0, :])
+    y_min = min(pt2d[1, :])
+    x_max = max(pt2d[0, :])
+    y_max = max(pt2d[1, :])
+    x_min -= 2 * k * abs(x_max - x_min)
+    y_min -= 2 * k * abs(y_max - y_min)
+    x_max += 2 * k * abs(x_max - x_min)
+    y_max += 0.6 * k * abs(y_max - y_min)
+    return int(x_min), int(y_min), int(x_max), int(y_max)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_missing=st.integers(0, 20))
+def test_hopenet_test_preset_reproduces_the_peers_with_missing_landmarks(seed, n_missing):
+    """Oracle: HopeNet's own arithmetic on the raw landmarks, -1 entries included."""
+    rng = np.random.default_rng(seed)
+    pts = np.stack([rng.uniform(100, 400, 68), rng.uniform(90, 380, 68)])
+    if n_missing:
+        pts[:, rng.choice(68, n_missing, replace=False)] = -1.0
+    img = rng.integers(0, 256, (450, 480, 3), dtype=np.uint8)
+    crop, box = protocol_crop(img, pts, "hopenet_test", 0.2)
+    want = _hopenet_aflw2000_box(pts)
+    assert box == want
+    np.testing.assert_array_equal(crop, np.asarray(Image.fromarray(img).crop(want)))
+    _, corrected = protocol_crop(img, pts, "hopenet_test_corrected", 0.2)
+    present = pts[:, (pts != -1).all(axis=0)]
+    assert corrected == _hopenet_aflw2000_box(present)
+    assert (corrected == box) == (n_missing == 0)
+    assert has_missing_landmarks(pts) == (n_missing > 0)
 
 
 def test_landmark_box_errors_name_the_source():
@@ -150,6 +189,24 @@ def test_resize_center_equals_torchvision_resize_centercrop(shape):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("shape,r", [((300, 260), 224), ((40, 30), 28), ((30, 45), 28)])
+def test_resize_6drepnet_equals_torchvision_resize256_centercrop224(shape, r):
+    """Oracle: 6DRepNet's test transform, Resize(256) + CenterCrop(224) (scaled by r / 224)."""
+    from torchvision import transforms
+
+    h, w = shape
+    img = np.random.default_rng(h + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    s = 256 if r == 224 else 32  # 28 * 256 / 224 = 32
+    tf = transforms.Compose([transforms.Resize(s), transforms.CenterCrop(r)])
+    want = np.asarray(tf(Image.fromarray(img)))
+    np.testing.assert_array_equal(resize_square(img, r, "6drepnet"), want)
+    # HopeNet's transform is another image: Resize(r) + CenterCrop(r)
+    hope = transforms.Compose([transforms.Resize(r), transforms.CenterCrop(r)])
+    np.testing.assert_array_equal(resize_square(img, r, "hopenet"),
+                                  np.asarray(hope(Image.fromarray(img))))
+    assert not np.array_equal(resize_square(img, r, "hopenet"), want)
+
+
 def test_resize_stretch_and_bad_mode():
     img = np.zeros((10, 40, 3), np.uint8)
     img[:, 20:] = 255
@@ -163,8 +220,12 @@ def test_resize_stretch_and_bad_mode():
 def test_protocol_crop_end_to_end():
     img = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
     pts = np.array([[30.5, 80.5, -1.0], [40.5, 90.5, -1.0]])
-    crop, box = protocol_crop(img, pts, "hopenet_test", 0.2)
+    crop, box = protocol_crop(img, pts, "hopenet_test_corrected", 0.2)
     assert box == crop_box((30.5, 40.5, 80.5, 90.5), "hopenet_test", 0.2)
+    np.testing.assert_array_equal(crop, crop_image(img, box))
+    # the peers' preset takes the -1 as a coordinate
+    crop, box = protocol_crop(img, pts, "hopenet_test", 0.2)
+    assert box == crop_box((-1.0, -1.0, 80.5, 90.5), "hopenet_test", 0.2)
     np.testing.assert_array_equal(crop, crop_image(img, box))
     same, none_box = protocol_crop(img, None, "none")
     assert same is img and none_box is None

@@ -201,8 +201,15 @@ def test_aflw2000_empty_dir(tmp_path):
 
 def test_biwi_npz_signs_channels_and_filter(tmp_path):
     images, pose = make_biwi_npz(tmp_path / "biwi.npz", n=5, extreme_row=2)
+    # BIWI is evaluated whole: the +-99 filter only when asked, the count logged either way
     ds = open_dataset("biwi", tmp_path / "biwi.npz")
-    assert (ds.report.scanned, ds.report.kept, ds.report.rejected_angle) == (5, 4, 1)
+    assert (ds.report.scanned, ds.report.kept, ds.report.rejected_angle) == (5, 5, 0)
+    assert ds.report.beyond_protocol == 1
+    assert "5 kept, " not in ds.report.summary()
+    assert "1 kept with an angle beyond +-99 deg" in ds.report.summary()
+    asked = open_dataset("biwi", tmp_path / "biwi.npz", max_abs_angle=99.0)
+    assert (asked.report.kept, asked.report.rejected_angle, asked.report.beyond_protocol) == (
+        4, 1, 1)
     s = ds.samples[1]
     assert s.row == 1 and s.key == "BIWI/000001"
     yaw, pitch, roll = pose[1]
@@ -277,6 +284,58 @@ def test_truncated_jpeg_caught_by_scan(tmp_path, mode):
     assert open_dataset("aflw2000", fx.root, verify_images="none").report.kept == 3
     with pytest.raises(DataError, match="verify_images must be one of"):
         open_dataset("aflw2000", fx.root, verify_images="maybe")
+
+
+def _corrupt_mid_stream(p) -> None:
+    """Insert a start-of-image marker inside the entropy-coded data: the file still ends with
+    FF D9 (the header check passes) but PIL stops with 'broken data stream' half-way."""
+    data = p.read_bytes()
+    m = data.find(b"\xff\xda") + (len(data) - data.find(b"\xff\xda")) // 2
+    p.write_bytes(data[:m] + b"\xff\xd8" + data[m:])
+
+
+def test_jpeg_with_trailing_bytes_is_accepted_as_decoders_accept_it(tmp_path):
+    from PIL import Image
+
+    from clerf.data.mat import read_rgb_image
+
+    fx = make_aflw2000(tmp_path / "A", n=3, n_extreme=0)
+    p = fx.root / "image00013.jpg"
+    p.write_bytes(p.read_bytes() + b"\x00" * 200 + b"trailer")  # FF D9 no longer at the end
+    Image.open(p).load()  # the decoder reads it
+    for mode in ("header", "full"):
+        ds = open_dataset("aflw2000", fx.root, verify_images=mode)
+        assert ds.report.kept == 3 and ds.report.skipped_bad == 0
+    assert read_rgb_image(p).shape == (48, 48, 3)
+
+
+def test_jpeg_corrupted_mid_stream_is_skipped_and_counted_under_skip_bad(tmp_path, capsys):
+    from PIL import Image
+
+    from clerf.cli import main
+
+    fx = make_aflw2000(tmp_path / "A", n=4, n_extreme=0)
+    p = fx.root / "image00024.jpg"
+    _corrupt_mid_stream(p)
+    assert p.read_bytes()[-2:] == b"\xff\xd9"
+    with pytest.raises(OSError, match="broken data stream"):
+        Image.open(p).load()
+    # the cheap check alone lets it through; without --skip-bad pass 2 stops on it
+    assert open_dataset("aflw2000", fx.root).report.kept == 4
+    out = tmp_path / "o.h5"
+    base = ["prepare", "aflw2000", str(fx.root), "--out", str(out), "--no-progress",
+            "store.chunk_images=2"]
+    assert main(base) == 1
+    assert "image00024.jpg: unreadable image" in capsys.readouterr().err
+    # under --skip-bad it is skipped and counted like any other bad file, and the run finishes
+    assert main([*base, "--skip-bad", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 bad file(s)" in err and "image00024.jpg" in err
+    import h5py
+
+    with h5py.File(out) as f:
+        assert f.attrs["count_skipped_bad"] == 1 and f.attrs["num_images"] == 3
+        assert "image00024.jpg" in f.attrs["skipped_bad_json"]
 
 
 def test_prepare_decode_failure_after_scan_keeps_the_file_resumable(tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import scipy.io
 import torch
 from fixtures_data import make_300wlp, make_aflw2000, make_biwi_npz
 from PIL import Image
@@ -41,21 +42,28 @@ def test_aflw2000_store_matches_independent_pil_torchvision_pipeline(tmp_path, c
     assert store.attrs["count_kept"] == 4 and store.attrs["count_rejected_angle"] == 1
     assert store.attrs["source_dataset"] == "aflw2000"
     assert store.attrs["crop_preset"] == "hopenet_test"
+    assert store.attrs["crop_missing_landmarks"] == "peers"
+    assert store.attrs["count_missing_landmarks"] == 2  # samples 0 and 2 have -1 landmarks
     assert json.loads(store.attrs["rejected_keys_json"]) == fx.rejected
     tf = transforms.Compose([transforms.Resize(24), transforms.CenterCrop(24)])
     with h5py.File(out) as f:
         for i, fs in enumerate(fx.samples):
             assert f["source_key"][i].decode() == fs.key
             mat = read_pose_mat(fx.root / f"{fs.key}.mat")
-            # -1 landmarks excluded by hand here: the box is the fixture's known landmark box
-            x0, y0, x1, y1 = fs.box
+            # HopeNet's AFLW2000 arithmetic on the raw pt2d, -1 entries included
+            pt2d = scipy.io.loadmat(str(fx.root / f"{fs.key}.mat"))["pt2d"]
+            x0, y0 = min(pt2d[0, :]), min(pt2d[1, :])
+            x1, y1 = max(pt2d[0, :]), max(pt2d[1, :])
             k = 0.2
-            bx0 = x0 - 2 * k * (x1 - x0)
-            by0 = y0 - 2 * k * (y1 - y0)
-            bx1 = x1 + 2 * k * (x1 - bx0)
-            by1 = y1 + 0.6 * k * (y1 - by0)
+            bx0 = x0 - 2 * k * abs(x1 - x0)
+            by0 = y0 - 2 * k * abs(y1 - y0)
+            bx1 = x1 + 2 * k * abs(x1 - bx0)
+            by1 = y1 + 0.6 * k * abs(y1 - by0)
             box = (int(bx0), int(by0), int(bx1), int(by1))
             assert tuple(f["crop_box"][i]) == box
+            if i % 2 == 0:  # -1 landmarks: the peers' box reaches past the image's top-left
+                assert box[0] < 0 and box[1] < 0
+            np.testing.assert_allclose(f["dataset_euler"][i], mat.euler, rtol=0, atol=1e-12)
             pil = Image.open(fx.root / f"{fs.key}.jpg").convert("RGB").crop(box)
             want = np.asarray(tf(pil)).transpose(2, 0, 1)
             np.testing.assert_array_equal(f["images"][i], want)
@@ -108,6 +116,26 @@ def test_biwi_store_is_the_npz_in_rgb(tmp_path, capsys):
         assert f.attrs["crop_preset"] == "none"
         np.testing.assert_allclose(f["euler"][:, 1], pose[:, 0], atol=1e-3)  # yaw
         assert json.loads(f.attrs["dataset_params"]) == {"signs": "fsanet", "channels": "bgr"}
+
+
+def test_biwi_prepare_filters_only_when_asked(tmp_path, capsys):
+    make_biwi_npz(tmp_path / "b.npz", n=5, size=16, extreme_row=2)  # row 2: yaw -100
+    out = tmp_path / "whole.h5"
+    code, _, err = _prepare(capsys, "biwi", str(tmp_path / "b.npz"), "--out", str(out),
+                            "--resolution", "16")
+    assert code == 0, err
+    assert "kept 5" in err and "1 kept with an angle beyond +-99 deg" in err
+    with h5py.File(out) as f:
+        assert f.attrs["num_images"] == 5 and f.attrs["count_beyond_99_deg"] == 1
+        assert f.attrs["protocol_max_abs_angle_deg"] == -1.0  # off
+        np.testing.assert_allclose(f["dataset_euler"][2, 1], -100.0)  # yaw as in the .npz
+    out2 = tmp_path / "filtered.h5"
+    code, _, err = _prepare(capsys, "biwi", str(tmp_path / "b.npz"), "--out", str(out2),
+                            "--resolution", "16", "prepare.biwi_filter=true")
+    assert code == 0, err
+    assert "kept 4, rejected by the protocol filter (|angles| <= 99 deg) 1" in err
+    with h5py.File(out2) as f:
+        assert f.attrs["num_images"] == 4 and f.attrs["count_beyond_99_deg"] == 1
 
 
 def test_skip_bad_counts_are_stored(tmp_path, capsys):

@@ -51,12 +51,15 @@ STANDIN_SOURCE = textwrap.dedent(
         c_dim = 25
         w_dim = 512
 
-        def __init__(self, img_resolution=128, radius=2.7, pivot=(0.0, 0.0, 0.2)):
+        def __init__(self, img_resolution=128, radius=2.7, pivot=(0.0, 0.0, 0.2), draws=False):
             super().__init__()
             self.img_resolution = img_resolution
             self.radius, self.pivot = radius, pivot
             self.head = ProceduralHead.aligned(seed=123)
             self.calls = []
+            # EG3D's renderer draws depth jitter and importance samples from torch's global
+            # generator; draws=True imitates that with noise drawn the same way.
+            self.draws = draws
 
         @staticmethod
         def identity_of(z):
@@ -72,14 +75,18 @@ STANDIN_SOURCE = textwrap.dedent(
             self.calls.append(("synthesis", c.detach().cpu().clone(), noise_mode))
             c = c.double().cpu()
             R = rotation_from_camera(c)  # invert the camera mapping
-            # the camera must look at the pivot from the preset radius
-            pos = camera_position(c) - torch.tensor(self.pivot, dtype=c.dtype)
-            dist = pos.norm(dim=-1)
+            # as EG3D's cameras: on the sphere of the preset radius about the world origin,
+            # looking at the pivot
+            dist = camera_position(c).norm(dim=-1)
             assert torch.allclose(dist, torch.full_like(dist, self.radius), atol=1e-4)
-            assert torch.allclose(pos / self.radius, R[:, :, 2], atol=1e-4)
+            ray = camera_position(c) - torch.tensor(self.pivot, dtype=c.dtype)
+            assert torch.allclose(ray / ray.norm(dim=-1, keepdim=True), R[:, :, 2], atol=1e-4)
             ids = self.identity_of(ws[:, 0].cpu())
             img = self.head.render(ids, R.float(), self.img_resolution).images
-            return {"image": img.float().to(ws.device) / 127.5 - 1.0}
+            img = img.float().to(ws.device) / 127.5 - 1.0
+            if self.draws:
+                img = img + (torch.rand(img.shape) - 0.5).to(img.device) * 0.05
+            return {"image": img}
     '''
 )
 
@@ -156,10 +163,36 @@ def test_eg3d_sampler_label_is_derived_from_the_matrix() -> None:
     pitch = math.degrees(math.atan2(R[2, 1], R[2, 2]))
     assert abs(pitch - math.degrees(math.asin(2 * p / math.pi))) < 1e-6
     assert abs(pitch - 20.0) > 2  # not what was asked for
-    # with the EG3D pivot, the camera looks at (0, 0, 0.2)
+    # with the EG3D pivot, the frontal camera looks at (0, 0, 0.2) from 2.7 about the origin
     c2 = camera_from_rotation(torch.eye(3, dtype=torch.float64)[None], EG3D_FFHQ)
-    expected = torch.tensor([0, 0, 2.9], dtype=torch.float64)
+    expected = torch.tensor([0, 0, 2.7], dtype=torch.float64)
     torch.testing.assert_close(camera_position(c2)[0], expected)
+
+
+_GRID = [(h, v) for h in (0.6, 1.1, math.pi / 2, 2.0, 2.6, 4.0)
+         for v in (0.7, 1.2, math.pi / 2, 2.3)]
+
+
+@pytest.mark.parametrize("h,v", _GRID)
+def test_eg3d_camera_is_eg3d_samplers_camera(h: float, v: float) -> None:
+    """For a grid of directions, clerf's EG3D camera of the sampler's label IS the sampler's
+    camera: same rotation and translation (to 1e-7) as ``LookAtPoseSampler.sample(h, v,
+    (0, 0, 0.2), radius=2.7)``; and its centre meets the ray-sphere condition: on the sphere of
+    radius 2.7 about the origin, on the viewing ray through the pivot, in front of it."""
+    pivot = torch.tensor([0.0, 0.0, 0.2], dtype=torch.float64)
+    ref = _eg3d_sampler(h, v, pivot, 2.7)
+    c_ref = torch.cat([ref.flatten(), torch.zeros(9, dtype=torch.float64)])[None]
+    label = rotation_from_camera(c_ref)
+    c = camera_from_rotation(label, EG3D_FFHQ)
+    torch.testing.assert_close(c[0, :16].view(4, 4), ref, atol=1e-7, rtol=0)
+    pos = camera_position(c)[0]
+    assert abs(float(pos.norm()) - 2.7) < 1e-12
+    ray = pos - pivot
+    d = label[0, :, 2]  # the viewing direction of the label (toward the camera)
+    assert float(torch.linalg.cross(ray, d).norm()) < 1e-12 and float(ray @ d) > 0
+    # not 2.7 from the pivot (clerf's former rule), except where the two spheres meet
+    if abs(float(d[2])) > 0.1:
+        assert abs(float(ray.norm()) - 2.7) > 1e-3
 
 
 def test_rotation_from_camera_rejects_bad_input() -> None:
@@ -190,8 +223,9 @@ def test_adapter_matches_procedural_oracle(standin) -> None:
     # conditioning is the frontal camera; truncation is passed through
     kind, cond, psi = net.calls[0]
     assert kind == "mapping" and psi == 0.5
+    conds = torch.cat([c for k, c, _ in net.calls if k == "mapping"])
     eye = torch.eye(3, dtype=torch.float64).expand(4, 3, 3)
-    torch.testing.assert_close(rotation_from_camera(cond.double()), eye, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rotation_from_camera(conds.double()), eye, atol=1e-6, rtol=0)
     j = net.identity_of(gen.latents(ids))
     good = ref.render_maps(j, R, 160)
     down = lambda x: F.avg_pool2d(x.float(), 4)  # noqa: E731
@@ -231,7 +265,77 @@ def test_reachable_ranges_and_resampling(standin) -> None:
     assert camera_direction(back.rotations.double())[0, 2] < -0.99
 
 
+def test_renders_repeat_byte_for_byte_when_the_network_draws_random_numbers(standin) -> None:
+    """A network drawing from torch's global generator (as EG3D's renderer does) still gives
+    byte-identical renders: twice the same call, after other draws, alone or in another batch;
+    the caller's global generator state is left as it was."""
+    mod, _, _ = standin
+    R = rotation_from_euler(torch.tensor([5.0, -10, 20]), torch.tensor([10.0, 30, -25]),
+                            torch.tensor([0.0, 40, -90]))  # fmt: skip
+    ids = torch.tensor([3, 7, 11])
+    net = mod.StandInGAN(img_resolution=32, draws=True)
+    gen = EG3DGenerator.from_network(net, seed=2)
+    a = gen.render(ids, R, 32)
+    # the mapping network is conditioned on EG3D's own frontal camera: (0, 0, 2.7), not 2.9
+    conds = torch.cat([c for k, c, _ in net.calls if k == "mapping"]).double()
+    expected = torch.tensor([0.0, 0.0, 2.7], dtype=torch.float64).expand(len(ids), 3)
+    torch.testing.assert_close(camera_position(conds), expected, atol=1e-6, rtol=0)
+    torch.rand(1000)  # someone else draws in between
+    b = gen.render(ids, R, 32)
+    assert torch.equal(a.images, b.images)
+    alone = gen.render(ids[1:2], R[1:2], 32)  # as a resumed run or another shard would
+    assert torch.equal(alone.images[0], a.images[1])
+    other = gen.render(torch.tensor([7, 3]), R[[1, 0]], 32)  # other batch, other order
+    assert torch.equal(other.images, a.images[[1, 0]])
+    state = torch.get_rng_state()
+    gen.render(ids, R, 32)
+    assert torch.equal(torch.get_rng_state(), state)
+    # the draws do reach the image: seeded differently (another seed) it differs
+    gen2 = EG3DGenerator.from_network(mod.StandInGAN(img_resolution=32, draws=True), seed=2,
+                                      rng="global")
+    c, d = gen2.render(ids, R, 32), gen2.render(ids, R, 32)
+    assert not torch.equal(c.images, d.images)  # EG3D's own behaviour: not repeatable
+    with pytest.raises(ValueError, match="rng must be one of"):
+        EG3DGenerator.from_network(mod.StandInGAN(img_resolution=32), rng="fixed")
+
+
 # --------------------------------------------------------------------------- loading
+
+
+LEGACY_SOURCE = textwrap.dedent(
+    """
+    import pickle
+
+
+    def load_network_pkl(f, force_fp16=False):
+        # as EG3D's legacy.py: it validates G, D and G_ema
+        data = pickle.load(f)
+        assert data['G'] is not None
+        assert data['D'] is not None
+        return data
+    """
+)
+
+
+def test_loading_a_pickle_with_only_g_ema(standin, tmp_path) -> None:
+    """EG3D's loader raises KeyError: 'G' on a G_ema-only pickle: clerf loads G_ema directly."""
+    mod, checkout, _ = standin
+    (checkout / "legacy.py").write_text(LEGACY_SOURCE)
+    sys.modules.pop("legacy", None)
+    pkl = tmp_path / "g_ema_only.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"G_ema": mod.StandInGAN(img_resolution=32)}, f)
+    try:
+        g = build_generator("eg3d", seed=0, checkout=str(checkout), network=str(pkl),
+                            trust_pickle=True)  # fmt: skip
+        assert g.render(torch.arange(1), torch.eye(3)[None], 32).images.shape == (1, 3, 32, 32)
+        # a pickle that really holds nothing usable: one line, no traceback
+        (tmp_path / "none.pkl").write_bytes(pickle.dumps({"D": None}))
+        with pytest.raises(ValueError, match="holds no generator"):
+            build_generator("eg3d", checkout=str(checkout), network=str(tmp_path / "none.pkl"),
+                            trust_pickle=True)  # fmt: skip
+    finally:
+        sys.modules.pop("legacy", None)
 
 
 def test_loading_a_real_pickle_from_a_checkout(standin, tmp_path) -> None:

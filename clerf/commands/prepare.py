@@ -31,7 +31,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--crop", default=None, metavar="PRESET",
-        help="crop preset: hopenet_train, hopenet_test, train_rule_k02, none",
+        help="crop preset: hopenet_train, hopenet_test, hopenet_test_corrected, train_rule_k02, "
+             "none",
     )
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default 0)")
     p.add_argument(

@@ -82,6 +82,9 @@ class ScanReport:
     kept: int = 0
     rejected_angle: int = 0
     skipped_bad: int = 0
+    #: scanned samples with an angle beyond the benchmark's +-99 deg, whether or not the filter
+    #: removed them (BIWI is evaluated whole: they are kept there unless the filter is asked for)
+    beyond_protocol: int = 0
     #: ``(file, reason)`` of every skipped bad file (``skip_bad=True``)
     bad: list[tuple[str, str]] = field(default_factory=list)
     #: keys of the samples removed by the angle filter
@@ -98,10 +101,14 @@ class ScanReport:
 
     def summary(self) -> str:
         lim = "off" if self.max_abs_angle is None else f"|angles| <= {self.max_abs_angle:g} deg"
-        return (
+        text = (
             f"{self.dataset}: scanned {self.scanned}, kept {self.kept}, rejected by the protocol "
             f"filter ({lim}) {self.rejected_angle}, skipped as bad {self.skipped_bad}"
         )
+        if self.max_abs_angle is None:
+            text += (f"; {self.beyond_protocol} kept with an angle beyond "
+                     f"+-{PROTOCOL_MAX_ABS_ANGLE:g} deg")
+        return text
 
     def as_attrs(self) -> dict[str, Any]:
         """JSON-friendly counts to store with the data (HDF5 attributes)."""
@@ -114,6 +121,7 @@ class ScanReport:
             "count_kept": int(self.kept),
             "count_rejected_angle": int(self.rejected_angle),
             "count_skipped_bad": int(self.skipped_bad),
+            "count_beyond_99_deg": int(self.beyond_protocol),
             "counts_per_subset_json": json.dumps(self.per_subset, sort_keys=True),
             "rejected_keys_json": json.dumps(self.rejected_keys),
             "skipped_bad_json": json.dumps([list(b) for b in self.bad]),
@@ -143,7 +151,10 @@ def verify_image_file(path: Path, full: bool = True) -> None:
 
     ``full``: decode it (JPEG in PIL draft mode at 1/8 scale, which still reads the whole
     entropy-coded stream, about 60% of a full decode). Otherwise parse the header only and, for
-    a JPEG, require the end-of-image marker ``FF D9`` in its last bytes (a truncated file lacks it).
+    a JPEG, look for the end-of-image marker ``FF D9`` in its last 64 bytes (a truncated file
+    lacks it); when it is not there (a truncated file, or a valid one with trailing bytes after
+    the marker, which PIL and the peers read) the file is decoded to decide: what the decoder
+    accepts is accepted.
 
     Raises:
         DataError: missing or undecodable image, naming the file.
@@ -155,12 +166,13 @@ def verify_image_file(path: Path, full: bool = True) -> None:
     try:
         with Image.open(path) as img:
             if not full:
-                if img.format == "JPEG":
-                    with open(path, "rb") as fh:
-                        fh.seek(max(0, path.stat().st_size - 64))
-                        if b"\xff\xd9" not in fh.read():
-                            raise OSError("JPEG end-of-image marker missing: file truncated")
-                return
+                if img.format != "JPEG":
+                    return
+                with open(path, "rb") as fh:
+                    fh.seek(max(0, path.stat().st_size - 64))
+                    if b"\xff\xd9" in fh.read():
+                        return
+                # no marker at the end: truncated, or trailing bytes after it; decode to decide
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
@@ -178,8 +190,10 @@ class RealDataset(ABC):
         skip_bad: skip bad files with a counted warning instead of raising.
         verify_images: check every kept image during the scan: ``full`` decodes it (JPEG in
             draft mode), ``header`` (default) parses its header and checks that a JPEG ends with
-            its end-of-image marker (catches missing, foreign and truncated files at ~1/30 of a
-            decode), ``none`` skips the check.
+            its end-of-image marker, decoding it when not (catches missing, foreign and truncated
+            files at ~1/30 of a decode), ``none`` skips the check. With ``skip_bad``, ``header``
+            decodes every image (as ``full``), so that a file corrupted mid-stream is skipped
+            and counted like any other bad file.
     """
 
     #: registry name
@@ -256,13 +270,18 @@ class RealDataset(ABC):
             self._bad(sample.subset, DataError(f"{where}: non-finite angles {sample.euler}"), where)
             return
         self.report.count(sample.subset, "scanned")
+        if not within_protocol(sample.euler, PROTOCOL_MAX_ABS_ANGLE):
+            self.report.beyond_protocol += 1
         if not within_protocol(sample.euler, self.max_abs_angle):
             self.report.rejected_keys.append(sample.key)
             self.report.count(sample.subset, "rejected_angle")
             return
         if self.verify_images != "none" and sample.image_path is not None:
+            # With skip_bad every kept image is decoded now: a JPEG corrupted mid-stream passes
+            # the header check and would otherwise stop pass 2 instead of being skipped.
+            full = self.verify_images == "full" or self.skip_bad
             try:
-                verify_image_file(sample.image_path, full=self.verify_images == "full")
+                verify_image_file(sample.image_path, full=full)
             except DataError as exc:
                 # scanned was counted above; a bad image is reported as bad, not scanned+kept
                 self.report.per_subset[sample.subset]["scanned"] -= 1

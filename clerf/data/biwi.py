@@ -2,7 +2,9 @@
 
 The ``.npz`` (FSA-Net's ``data/TYY_create_db_biwi.py`` made the files everyone passes around,
 e.g. ``BIWI_noTrack.npz``) holds ``image``: ``(N, H, W, 3)`` uint8 face crops and ``pose``:
-``(N, 3)`` = **(yaw, pitch, roll) in degrees**. BIWI is evaluated whole (protocol 1).
+``(N, 3)`` = **(yaw, pitch, roll) in degrees**. BIWI is evaluated whole (protocol 1): the +-99 deg
+filter applies only when asked for (``max_abs_angle``; ``prepare.biwi_filter=true``); the number
+of samples beyond it is logged and stored either way.
 
 Sign convention (``signs``), the point on which peers disagree:
 
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clerf.data.base import PROTOCOL_MAX_ABS_ANGLE, RealDataset, RealSample, register_dataset
+from clerf.data.base import RealDataset, RealSample, register_dataset
 from clerf.errors import DataError
 from clerf.geometry import hflip_rotation
 
@@ -53,6 +55,8 @@ class BIWI(RealDataset):
     """BIWI ``.npz`` loader; ``root`` is the ``.npz`` file.
 
     Args:
+        max_abs_angle: None (default: the whole set, as the protocol evaluates it) or a filter
+            in degrees, only when asked for.
         signs: ``fsanet`` (default) or ``mirrored``; see the module docstring.
         channels: ``bgr`` (default, FSA-Net's files) or ``rgb``: the order stored in the file.
     """
@@ -63,7 +67,7 @@ class BIWI(RealDataset):
     def __init__(
         self,
         root: str | Path,
-        max_abs_angle: float | None = PROTOCOL_MAX_ABS_ANGLE,
+        max_abs_angle: float | None = None,
         skip_bad: bool = False,
         verify_images: str = "header",
         signs: str = "fsanet",

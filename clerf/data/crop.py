@@ -21,15 +21,20 @@ Presets (factors ``left, top, right, bottom``; ``k``):
   HopeNet draws a new ``k`` every time an image is read; a prepared store fixes one ``k`` per
   image, drawn from ``(seed, sample key)`` so it is reproducible and independent of file order.
 * ``hopenet_test``: ``2, 2, 2, 0.6``; ``k = 0.2``. This is the AFLW2000 test crop **as the peers'
-  code does it** (HopeNet ``AFLW2000`` class at its final commit; 6DRepNet's copy): wider on the
-  sides than the training rule.
+  code does it** (HopeNet ``AFLW2000`` class at its final commit; 6DRepNet's and 6DRepNet360's
+  copies): wider on the sides than the training rule, and missing landmarks (-1) taken as
+  coordinates, as they do. The crop behind every figure presented as comparable with theirs.
+* ``hopenet_test_corrected``: the same factors, missing landmarks excluded (a named alternative:
+  a tighter, face-centred box on the images with -1 landmarks, not the peers' crop).
 * ``train_rule_k02``: the training factors with ``k = 0.2`` fixed, which is how
   ``docs/conventions.md`` section 6 words the test crop ("the same rule with k = 0.2").
 * ``none``: no crop (BIWI's preprocessed ``.npz`` images are already face crops).
 
-Missing landmarks: AFLW2000 marks a missing point with the value -1 (not a coordinate). HopeNet
-takes ``min`` over all points, so a -1 drags the box to the image corner; clerf excludes a point
-when either of its coordinates is exactly -1 and raises when none remain.
+Missing landmarks (``CropPreset.missing``): AFLW2000 marks a missing point with the value -1 (not
+a coordinate; 300W-LP has none). The peers take ``min``/``max`` over the raw values, -1 included,
+so a -1 drags the box's top-left corner to (-1, -1) before the margins are added (``peers``:
+reproduced exactly). ``exclude`` drops a point when either of its coordinates is exactly -1 and
+raises when none remain. Stores record the preset and how many images had missing landmarks.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ __all__ = [
     "MISSING_LANDMARK",
     "get_preset",
     "landmark_box",
+    "has_missing_landmarks",
+    "MISSING_RULES",
     "crop_box",
     "sample_k",
     "crop_image",
@@ -64,7 +71,9 @@ class CropPreset:
     """A named crop rule: margin factors (multiplied by ``k``) and the range of ``k``.
 
     ``k`` is fixed when ``k_low == k_high``, else drawn uniformly from ``[k_low, k_high)``.
-    ``enabled=False`` means no crop at all (the image is used whole).
+    ``enabled=False`` means no crop at all (the image is used whole). ``missing``: how landmarks
+    marked -1 enter the landmark box, ``peers`` (as values, as HopeNet/6DRepNet do) or
+    ``exclude`` (left out).
     """
 
     name: str
@@ -76,6 +85,7 @@ class CropPreset:
     k_high: float = 0.2
     enabled: bool = True
     description: str = ""
+    missing: str = "peers"
 
     @property
     def random(self) -> bool:
@@ -91,12 +101,19 @@ CROP_PRESETS: dict[str, CropPreset] = {
         ),
         CropPreset(
             "hopenet_test", 2.0, 2.0, 2.0, 0.6, 0.2, 0.2,
-            description="HopeNet/6DRepNet AFLW2000 test crop as in their code, k = 0.2",
+            description="HopeNet/6DRepNet AFLW2000 test crop exactly as in their code, k = 0.2, "
+                        "-1 landmarks included as they are",
+        ),
+        CropPreset(
+            "hopenet_test_corrected", 2.0, 2.0, 2.0, 0.6, 0.2, 0.2,
+            description="hopenet_test with missing (-1) landmarks excluded: not the peers' crop",
+            missing="exclude",
         ),
         CropPreset(
             "train_rule_k02", 0.6, 2.0, 0.6, 0.6, 0.2, 0.2,
             description="training factors with k = 0.2 fixed (docs/conventions.md "
-                        "section 6 wording)",
+                        "section 6 wording), -1 landmarks excluded",
+            missing="exclude",
         ),
         CropPreset("none", enabled=False, description="no crop: the image is already a face"),
     )
@@ -112,24 +129,41 @@ def get_preset(name: str) -> CropPreset:
         raise ValueError(f"unknown crop preset '{name}' (known: {known})") from None
 
 
-def landmark_box(pt2d: np.ndarray, source: str = "landmarks") -> tuple[float, float, float, float]:
-    """Tight box ``(x_min, y_min, x_max, y_max)`` (pixels) of the annotated landmarks.
+MISSING_RULES = ("peers", "exclude")
+
+
+def has_missing_landmarks(pt2d: np.ndarray | None) -> bool:
+    """Whether any landmark of ``pt2d`` is marked missing (-1 in either coordinate)."""
+    if pt2d is None:
+        return False
+    pts = np.asarray(pt2d, dtype=np.float64)
+    return bool(((pts == MISSING_LANDMARK).any(axis=0)).any()) if pts.ndim == 2 else False
+
+
+def landmark_box(
+    pt2d: np.ndarray, source: str = "landmarks", missing: str = "exclude"
+) -> tuple[float, float, float, float]:
+    """Tight box ``(x_min, y_min, x_max, y_max)`` (pixels) of the landmarks.
 
     Args:
         pt2d: ``(2, N)`` array, row 0 = x, row 1 = y, in pixels (300W-LP/AFLW2000 ``pt2d``).
-            A point with either coordinate exactly -1 is missing and is excluded.
         source: named in errors (e.g. the ``.mat`` path).
+        missing: ``exclude``: a point with either coordinate exactly -1 is missing and left out;
+            ``peers``: min/max over the raw values, -1 included (HopeNet's and 6DRepNet's code).
 
     Raises:
-        DataError: wrong shape, non-finite values, or no annotated landmark left.
+        DataError: wrong shape, non-finite values, or (``exclude``) no annotated landmark left.
     """
+    if missing not in MISSING_RULES:
+        raise ValueError(f"missing must be one of {MISSING_RULES}, got {missing!r}")
     pts = np.asarray(pt2d, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[0] != 2 or pts.shape[1] == 0:
         raise DataError(f"{source}: pt2d must be a (2, N) array of landmarks, got {pts.shape}")
     present = ~((pts[0] == MISSING_LANDMARK) | (pts[1] == MISSING_LANDMARK))
     if not present.any():
         raise DataError(f"{source}: all {pts.shape[1]} landmarks are missing (-1): no crop box")
-    pts = pts[:, present]
+    if missing == "exclude":
+        pts = pts[:, present]
     if not np.isfinite(pts).all():
         raise DataError(f"{source}: pt2d contains NaN or infinite coordinates")
     return (float(pts[0].min()), float(pts[1].min()), float(pts[0].max()), float(pts[1].max()))
@@ -200,18 +234,29 @@ def crop_image(
     return out
 
 
-#: ``center``: torchvision ``Resize(r)`` + ``CenterCrop(r)`` (the peers' test transform; aspect
-#: ratio kept, the longer side trimmed). ``stretch``: resize the whole crop to ``r x r``.
-RESIZE_MODES = ("center", "stretch")
+#: ``center`` (= ``hopenet``): torchvision ``Resize(r)`` + ``CenterCrop(r)``, HopeNet's test
+#: transform (aspect ratio kept, the longer side trimmed). ``6drepnet``: ``Resize(r * 256 / 224)``
+#: + ``CenterCrop(r)``, 6DRepNet's and 6DRepNet360's test transform (``Resize(256)`` +
+#: ``CenterCrop(224)`` at ``r = 224``: a further 1/8 of the crop is trimmed). ``stretch``: resize
+#: the whole crop to ``r x r``.
+RESIZE_MODES = ("center", "hopenet", "6drepnet", "stretch")
+
+
+def resize_before_crop(resolution: int, mode: str) -> int:
+    """The ``Resize`` size of a centre-cropping mode at output size ``resolution``."""
+    r = int(resolution)
+    return int(round(r * 256 / 224)) if mode == "6drepnet" else r
 
 
 def resize_square(image: np.ndarray, resolution: int, mode: str = "center") -> np.ndarray:
     """Resize an ``(H, W, 3)`` uint8 crop to ``(r, r, 3)`` with PIL bilinear interpolation.
 
-    ``center`` computes the sizes exactly as torchvision does for ``Resize(r)`` on a PIL image
-    (shorter side -> ``r``, longer side -> ``int(r * long / short)``; PIL ``BILINEAR``, which
-    antialiases when shrinking) followed by ``CenterCrop(r)`` (offset ``int(round((L - r) / 2))``),
-    so at ``r = 224`` the stored image is the peers' network input before normalisation.
+    ``center``/``hopenet`` compute the sizes exactly as torchvision does for ``Resize(s)`` on a PIL
+    image (shorter side -> ``s``, longer side -> ``int(s * long / short)``; PIL ``BILINEAR``,
+    which antialiases when shrinking) followed by ``CenterCrop(r)`` (offset
+    ``int(round((L - r) / 2))``), with ``s = r``; ``6drepnet`` the same with
+    ``s = round(r * 256 / 224)``. At ``r = 224`` the stored image is HopeNet's (``center``) or
+    6DRepNet's (``6drepnet``) network input before normalisation.
     """
     from PIL import Image  # pillow ships with torchvision
 
@@ -222,10 +267,11 @@ def resize_square(image: np.ndarray, resolution: int, mode: str = "center") -> n
     pil = Image.fromarray(image)
     if mode == "stretch":
         return np.asarray(pil.resize((r, r), Image.BILINEAR))
+    size = resize_before_crop(r, mode)
     if w <= h:
-        new_w, new_h = r, int(r * h / w)
+        new_w, new_h = size, int(size * h / w)
     else:
-        new_w, new_h = int(r * w / h), r
+        new_w, new_h = int(size * w / h), size
     if (new_w, new_h) != (w, h):
         pil = pil.resize((new_w, new_h), Image.BILINEAR)
     top = int(round((new_h - r) / 2.0))
@@ -258,5 +304,5 @@ def protocol_crop(
         raise DataError(f"{source}: crop preset '{p.name}' needs landmarks (pt2d)")
     if k is None:
         raise ValueError("protocol_crop: k is required for an enabled preset")
-    box = crop_box(landmark_box(pt2d, source), p, k)
+    box = crop_box(landmark_box(pt2d, source, p.missing), p, k)
     return crop_image(image, box, source), box

@@ -9,10 +9,15 @@ store resolution (PIL bilinear, antialiased when shrinking; ``center`` = torchvi
 :func:`clerf.geometry.rotation_from_euler` only.
 
 Per-image extra datasets: ``source_key`` (the sample's path in its dataset), ``crop_box``
-(int32 ``x0, y0, x1, y1`` in source pixels, half-open; the whole image for the ``none`` preset)
-and ``crop_k`` (the margin factor; NaN for ``none``). File attributes carry the source dataset,
-split, crop preset and its factors, the k seed, the scan counts (kept, rejected by the angle
-filter, skipped as bad, per subset) and the resolved config.
+(int32 ``x0, y0, x1, y1`` in source pixels, half-open; the whole image for the ``none`` preset),
+``crop_k`` (the margin factor; NaN for ``none``) and ``dataset_euler`` (float64 ``pitch, yaw,
+roll`` in degrees **as the dataset stores them**: ``Pose_Para``, or the BIWI ``.npz`` pose after
+its sign convention; yaw may exceed 90 there, unlike the ``euler`` derived from the matrix: the
+ground truth of the published-comparable Euler MAE, docs/conventions.md section 7). File
+attributes carry the source dataset, split, crop preset and its factors (including how -1
+landmarks were treated) and how many kept images had missing landmarks, the resize mode, the k
+seed, the scan counts (kept, rejected by the angle filter, skipped as bad, beyond +-99 deg, per
+subset) and the resolved config.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from clerf.data.crop import (
     RESIZE_MODES,
     CropPreset,
     get_preset,
+    has_missing_landmarks,
     protocol_crop,
     resize_square,
     sample_k,
@@ -60,6 +66,7 @@ class PrepareResult:
     crop: str
     num_images: int
     resumed_from: int  # images already committed when the run started
+    missing_landmarks: int = 0  # kept images with at least one -1 landmark
 
 
 def build_dataset(pc: DictConfig | Any) -> RealDataset:
@@ -74,6 +81,9 @@ def build_dataset(pc: DictConfig | Any) -> RealDataset:
     if cls.name == "300wlp":
         return cls(pc.root, subsets=list(pc.subsets) or None, **common)
     if cls.name == "biwi":
+        # BIWI is evaluated whole: the angle filter only when asked for (biwi_filter)
+        if not bool(getattr(pc, "biwi_filter", False)):
+            common["max_abs_angle"] = None
         return cls(pc.root, signs=pc.biwi_signs, channels=pc.biwi_channels, **common)
     if list(pc.subsets):
         raise ConfigError(f"prepare.subsets applies to 300wlp only, not {cls.name}")
@@ -191,6 +201,13 @@ def run_prepare(
     rotations = rotations_of(samples).numpy()
     identities = identities_of(ds, samples)
     keys = np.array([s.key for s in samples], dtype=object)
+    dataset_euler = np.array([s.euler for s in samples], dtype=np.float64)
+    n_missing = sum(has_missing_landmarks(s.pt2d) for s in samples)
+    if preset.enabled:
+        log.info("%s: %d of %d kept images have missing (-1) landmarks; crop preset %s %s them",
+                 ds.name, n_missing, len(samples), preset.name,
+                 "takes them as coordinates (as the peers do) with" if preset.missing == "peers"
+                 else "excludes")
 
     fingerprint = {
         "dataset": ds.name,
@@ -201,7 +218,7 @@ def run_prepare(
         "k_seed": seed if preset.random else None,
         "resolution": int(pc.resolution),
         "resize": pc.resize,
-        "max_abs_angle": pc.max_abs_angle,
+        "max_abs_angle": ds.max_abs_angle,
         "samples": _content_digest(samples),
     }
     prov = {k: v for k, v in provenance(cfg).items() if k not in _RESERVED_PROVENANCE}
@@ -213,8 +230,12 @@ def run_prepare(
         "split": split,
         "crop_preset": preset.name,
         "crop_preset_params": asdict(preset),
+        "crop_missing_landmarks": preset.missing if preset.enabled else "n/a (no crop)",
+        "count_missing_landmarks": int(n_missing),
         "crop_k_seed": seed,
         "resize": pc.resize,
+        "dataset_euler_meaning": "pitch, yaw, roll (deg) as the dataset stores them, before any "
+                                 "matrix round trip (yaw may exceed 90)",
         "interpolation": INTERPOLATION,
         "channel_order": "RGB",
         "identity_meaning": "300W-LP source face id" if ds.name == "300wlp" else "unknown (-1)",
@@ -225,6 +246,7 @@ def run_prepare(
     extra = {
         "crop_box": ExtraSpec((4,), np.int32),
         "crop_k": ExtraSpec((), np.float32),
+        "dataset_euler": ExtraSpec((3,), np.float64),
         "source_key": ExtraSpec((), h5py.string_dtype()),
     }
     st = cfg.store
@@ -243,7 +265,7 @@ def run_prepare(
             pool = ProcessPoolExecutor(max_workers=int(pc.workers))
         try:
             _write_all(writer, pool, samples, ds, preset, ks, rotations, identities, keys,
-                       int(pc.resolution), pc.resize, progress)
+                       dataset_euler, int(pc.resolution), pc.resize, progress)
         except DataError as exc:
             raise DataError(
                 f"{exc}; the store keeps its finished chunks: fix or remove that file and rerun "
@@ -254,13 +276,15 @@ def run_prepare(
                 pool.shutdown(cancel_futures=True)
         path = writer.finalize()
     log.info("prepared %d images into %s", len(samples), path)
-    return PrepareResult(path, report, split, preset.name, len(samples), resumed_from)
+    return PrepareResult(path, report, split, preset.name, len(samples), resumed_from,
+                         int(n_missing))
 
 
 def _write_all(
     writer: Any, pool: ProcessPoolExecutor | None, samples: list[RealSample], ds: RealDataset,
     preset: CropPreset, ks: list[float], rotations: np.ndarray, identities: np.ndarray,
-    keys: np.ndarray, resolution: int, resize: str, progress: Callable[[int], None] | None,
+    keys: np.ndarray, dataset_euler: np.ndarray, resolution: int, resize: str,
+    progress: Callable[[int], None] | None,
 ) -> None:
     """Pass 2: crop, resize and commit every pending chunk."""
     for start, stop in writer.pending():
@@ -284,6 +308,7 @@ def _write_all(
                 "source_key": keys[start:stop],
                 "crop_box": np.array([r[1] for r in results], dtype=np.int32),
                 "crop_k": np.array(ks[start:stop], dtype=np.float32),
+                "dataset_euler": dataset_euler[start:stop],
             },
         )
         if progress is not None:
@@ -296,5 +321,6 @@ def describe(result: PrepareResult) -> str:
     per = json.dumps(r.per_subset, sort_keys=True)
     return (
         f"{r.summary()}\nper subset: {per}\nwrote {result.num_images} images "
-        f"({result.split} split, crop preset {result.crop}) to {result.path}"
+        f"({result.split} split, crop preset {result.crop}; {result.missing_landmarks} with "
+        f"missing landmarks) to {result.path}"
     )

@@ -184,23 +184,31 @@ def collect_errors(
             flush(final=False)
         flush(final=True)
     out = {}
+    # The dataset's own Euler triple labels the images as stored: identity views only.
+    ds_euler = source.dataset_euler()
+    identity = {f"{v.protocol}/{v.name}" for v in views if v.angle is None and v.flip is None}
     for key, parts in rows.items():
         local = torch.cat(parts) if parts else torch.zeros(0, 19, dtype=torch.float64)
         allrows = _gather_records(local.to(device), n, world, gather).cpu()
         if allrows.shape[0] != n:
             raise RuntimeError(f"{key}: gathered {allrows.shape[0]} of {n} samples")
-        out[key] = compute_errors(allrows[:, 0].to(torch.int64), allrows[:, 10:].view(-1, 3, 3),
-                                  allrows[:, 1:10].view(-1, 3, 3))
+        index = allrows[:, 0].to(torch.int64)
+        ed = None
+        if ds_euler is not None and key in identity:
+            ed = ds_euler[index.numpy()][:, [1, 0, 2]]  # (pitch, yaw, roll) -> (yaw, pitch, roll)
+        out[key] = compute_errors(index, allrows[:, 10:].view(-1, 3, 3),
+                                  allrows[:, 1:10].view(-1, 3, 3), euler_dataset=ed)
     return out
 
 
 def summarize_protocol(
-    errors: dict[str, SampleErrors], views: Sequence[View], euler_range: float
+    errors: dict[str, SampleErrors], views: Sequence[View], euler_range: float,
+    decoding: str = "6drepnet",
 ) -> dict[str, Any]:
     """Per-view summaries and, for protocols with several views, the pooled summary."""
     euler = views[0].euler
     per_view = {v.name: summarize(errors[f"{v.protocol}/{v.name}"], euler=euler,
-                                  euler_range=euler_range) for v in views}
+                                  euler_range=euler_range, decoding=decoding) for v in views}
     out: dict[str, Any] = {"views": per_view,
                            "view_params": {v.name: v.describe() for v in views}}
     if len(views) > 1:
@@ -223,10 +231,13 @@ def evaluate_predictor(
     rank: int = 0,
     world: int = 1,
     gather: Callable[[Tensor], Tensor] | None = None,
+    decoding: str = "6drepnet",
 ) -> tuple[dict[str, Any], dict[str, dict[str, SampleErrors]]]:
     """All protocols for one model: ``(summaries per protocol, per-sample errors per protocol)``.
 
     The stored-data protocols (standard, rotated, flipped) share one pass over ``data``.
+    ``decoding``: how the published-comparable Euler MAE reads the prediction's angles
+    (:func:`peers_decoding` of the model's head).
     """
     views = {p: build_views(p, opts.rotated_angles) for p in protocols}
     on_data = [v for p in protocols if p != "full_range" for v in views[p]]
@@ -244,9 +255,21 @@ def evaluate_predictor(
                                      device, rank, world, gather, opts.model_batch))
     summaries, samples = {}, {}
     for p in protocols:
-        summaries[p] = summarize_protocol(errors, views[p], opts.euler_range_deg)
+        summaries[p] = summarize_protocol(errors, views[p], opts.euler_range_deg, decoding)
         samples[p] = {v.name: errors[f"{v.protocol}/{v.name}"] for v in views[p]}
     return summaries, samples
+
+
+def peers_decoding(head: dict[str, Any] | None) -> str:
+    """``bins`` for a model whose rotations come from a HopeNet-style binned head (its angles
+    are the bins' own, as HopeNet scores them), else ``6drepnet`` (a matrix, decomposed as
+    6DRepNet does); ``head`` is the head's ``describe()``."""
+    head = head or {}
+    if head.get("type") == "BinnedEulerHead":
+        return "bins"
+    if head.get("type") == "CombinedHead" and head.get("predict_from") == "binned":
+        return "bins"
+    return "6drepnet"
 
 
 # --------------------------------------------------------------------------- the stage
@@ -334,7 +357,8 @@ def run_evaluate(
                     opts.full_range_n, opts.full_range_seed, res, opts.full_range_generator,
                     opts.full_range_params, device=device))
         summaries, per_sample = evaluate_predictor(
-            model.predict_rotations, opts.protocols, opts, source, fr, device, rank, world, gather
+            model.predict_rotations, opts.protocols, opts, source, fr, device, rank, world, gather,
+            decoding=peers_decoding(model.describe().get("head")),
         )
         results.append({"name": name, "path": str(path), "model": model.describe(),
                         "results": summaries})

@@ -19,6 +19,23 @@ than the model. When every sample is in range the Euler MAE is over all samples;
 not it is computed over the in-range subset and the summary says how many (``euler.n``); when
 none are (full range, large in-plane rotations) it is ``None`` and the summary says why.
 
+**Published-comparable Euler MAE** (``docs/conventions.md`` section 7): HopeNet and 6DRepNet take
+the ground-truth Euler triple straight from the dataset (AFLW2000's ``Pose_Para``, where yaw may
+exceed 90 deg) and average over **every** kept image, wrapping differences by 360. Where the
+evaluated samples carry the dataset's own triple (``SampleErrors.euler_dataset``, from a store's
+``dataset_euler``; the images as stored, no view transform) :func:`summarize` reports that figure
+too (``euler_comparable``), with its N: ground truth = the dataset's triple, every sample, 360-only
+wrap, and the prediction's Euler angles chosen as the peers decode them (``decoding``):
+``6drepnet`` (matrix heads) decomposes the matrix as 6DRepNet does (``pitch = atan2(R21, R22)``,
+``yaw = atan2(-R20, hypot(R00, R10))``, ``roll = atan2(R10, R00)``:
+:func:`clerf.geometry.euler_from_rotation`; at exact gimbal lock 6DRepNet's fallback branch and
+clerf's differ in how pitch and roll share the angle); ``bins`` (HopeNet-style binned heads,
+whose angles come straight from the bins in [-99, 99)) takes the other Euler triple of the same
+matrix (:func:`clerf.geometry.euler_other_branch`) where only that one lies in the bins' range,
+so a predicted yaw of 95 is scored as 95, as HopeNet scores it. On a set with |yaw| > 90 labels
+the two figures differ: the matrix route folds such a label into yaw <= 90 with pitch and roll
+near +-180, and clerf's figure leaves it out. Every Euler figure carries its ``definition``.
+
 Per-sample errors are computed in float64 after sorting the records by sample index, and means are
 exactly rounded sums (:func:`math.fsum`): the same records in any order give the same bits. (The
 same rotations under *other* indices agree to about 1e-13 deg: vectorised ``atan2`` rounds the
@@ -36,11 +53,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clerf.geometry import axis_errors, euler_abs_error, euler_from_rotation, geodesic_error
+from clerf.geometry import (
+    EulerAngles,
+    axis_errors,
+    euler_abs_error,
+    euler_from_rotation,
+    euler_other_branch,
+    geodesic_error,
+)
 
 __all__ = [
     "THRESHOLDS_DEG",
     "EULER_RANGE_DEG",
+    "EULER_DEFINITION",
+    "COMPARABLE_DEFINITION",
+    "comparable_euler_mae",
+    "peers_euler",
+    "PEERS_DECODINGS",
     "SampleErrors",
     "compute_errors",
     "summarize",
@@ -58,6 +87,27 @@ EULER_RANGE_DEG = 99.0
 #: Euler axes as reported (the peers' tables: yaw, pitch, roll)
 _AXES = ("yaw", "pitch", "roll")
 
+#: how clerf's own Euler MAE (``euler``) is computed
+EULER_DEFINITION = (
+    "clerf: label and prediction both decomposed from their rotation matrices (yaw in "
+    "[-90, 90]), over the samples whose true angles are meaningful (see note), differences "
+    "wrapped by 360 only"
+)
+#: how the published-comparable Euler MAE (``euler_comparable``) is computed
+COMPARABLE_DEFINITION = (
+    "published-comparable: ground truth = the dataset's own Euler triple (e.g. AFLW2000 "
+    "Pose_Para; yaw may exceed 90), every sample, prediction's Euler angles as the peers decode "
+    "them (see decoding), differences wrapped by 360 only"
+)
+#: how the prediction's Euler angles are chosen for the comparable figure
+PEERS_DECODINGS = {
+    "6drepnet": "decomposed from the predicted matrix as 6DRepNet does (yaw in [-90, 90])",
+    "bins": "the Euler triple of the predicted matrix inside HopeNet's bin range [-99, 99), as "
+            "a binned head outputs it",
+}
+#: the bin range a binned head's angles lie in (docs/conventions.md section 5)
+_BIN_RANGE = (-99.0, 99.0)
+
 
 @dataclass(frozen=True)
 class SampleErrors:
@@ -73,6 +123,8 @@ class SampleErrors:
         euler_true: ``(N, 3)`` true Euler angles ``(yaw, pitch, roll)``.
         euler_pred: ``(N, 3)`` predicted Euler angles ``(yaw, pitch, roll)``.
         euler_err: ``(N, 3)`` absolute Euler errors ``(yaw, pitch, roll)``, wrapped by 360 only.
+        euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` triple where the
+            source has one and the image is as stored; NaN otherwise.
     """
 
     index: np.ndarray
@@ -82,6 +134,7 @@ class SampleErrors:
     euler_true: np.ndarray
     euler_pred: np.ndarray
     euler_err: np.ndarray
+    euler_dataset: np.ndarray
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -96,12 +149,20 @@ def _euler_ypr(R: Tensor) -> Tensor:
     return torch.stack([e.yaw, e.pitch, e.roll], dim=-1)
 
 
-def compute_errors(index: Tensor | np.ndarray, R_pred: Tensor, R_true: Tensor) -> SampleErrors:
+def compute_errors(
+    index: Tensor | np.ndarray,
+    R_pred: Tensor,
+    R_true: Tensor,
+    euler_dataset: np.ndarray | None = None,
+) -> SampleErrors:
     """Per-sample errors of predictions against labels, sorted by ``index``.
 
     Args:
         index: ``(N,)`` unique integer sample ids.
         R_pred, R_true: ``(N, 3, 3)`` rotation matrices (any float dtype; computed in float64).
+        euler_dataset: optional ``(N, 3)`` dataset's own ``(yaw, pitch, roll)`` triple (degrees)
+            of the same samples, in the order of ``index``: the ground truth of the
+            published-comparable Euler MAE. None: unknown (NaN).
 
     Raises:
         ValueError: mismatched shapes or duplicate indices (a padded batch that was not
@@ -123,6 +184,14 @@ def compute_errors(index: Tensor | np.ndarray, R_pred: Tensor, R_true: Tensor) -
     Rt = R_true.detach().to("cpu", torch.float64)[order]
     ax = axis_errors(Rp, Rt)
     et, ep = _euler_ypr(Rt), _euler_ypr(Rp)
+    if euler_dataset is None:
+        ed = np.full((idx.shape[0], 3), np.nan)
+    else:
+        ed = np.asarray(euler_dataset, dtype=np.float64)
+        if ed.shape != (idx.shape[0], 3):
+            raise ValueError(f"compute_errors: euler_dataset must be ({idx.shape[0]}, 3), got "
+                             f"{ed.shape}")
+        ed = ed[order.numpy()]
     return SampleErrors(
         index=idx.numpy(),
         geodesic=geodesic_error(Rp, Rt).numpy(),
@@ -131,6 +200,7 @@ def compute_errors(index: Tensor | np.ndarray, R_pred: Tensor, R_true: Tensor) -
         euler_true=et.numpy(),
         euler_pred=ep.numpy(),
         euler_err=euler_abs_error(ep, et).numpy(),
+        euler_dataset=ed,
     )
 
 
@@ -157,6 +227,60 @@ def _mean(x: np.ndarray) -> float:
     return math.fsum(x.tolist()) / x.size
 
 
+def peers_euler(euler_pred: np.ndarray, decoding: str = "6drepnet") -> np.ndarray:
+    """The predicted ``(yaw, pitch, roll)`` as the peers decode them (module docstring).
+
+    Args:
+        euler_pred: ``(N, 3)`` ``(yaw, pitch, roll)`` from
+            :func:`clerf.geometry.euler_from_rotation`.
+        decoding: a key of :data:`PEERS_DECODINGS`.
+    """
+    if decoding not in PEERS_DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r} (known: {', '.join(PEERS_DECODINGS)})")
+    pred = np.asarray(euler_pred, dtype=np.float64)
+    if decoding == "6drepnet":
+        return pred
+    t = torch.from_numpy(pred)
+    other = euler_other_branch(EulerAngles(t[:, 1], t[:, 0], t[:, 2]))
+    alt = torch.stack([other.yaw, other.pitch, other.roll], dim=-1).numpy()
+    lo, hi = _BIN_RANGE
+
+    def inside(x: np.ndarray) -> np.ndarray:
+        return ((x >= lo) & (x < hi)).all(axis=1)
+
+    use = inside(alt) & ~inside(pred)
+    return np.where(use[:, None], alt, pred)
+
+
+def comparable_euler_mae(
+    euler_pred: np.ndarray, euler_dataset: np.ndarray, decoding: str = "6drepnet"
+) -> dict[str, Any]:
+    """The published-comparable Euler MAE (module docstring): per-axis mean of
+    ``|wrap360(pred - dataset triple)|`` over every sample, their mean, ``n``, ``definition``
+    and ``decoding``.
+
+    Args:
+        euler_pred: ``(N, 3)`` predicted ``(yaw, pitch, roll)`` decomposed from the matrices.
+        euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` (finite).
+        decoding: how the peers get the prediction's angles (:data:`PEERS_DECODINGS`).
+    """
+    pred = np.asarray(euler_pred, dtype=np.float64)
+    true = np.asarray(euler_dataset, dtype=np.float64)
+    if pred.shape != true.shape or pred.ndim != 2 or pred.shape[1] != 3 or pred.shape[0] == 0:
+        raise ValueError(f"comparable_euler_mae: expected two (N, 3) arrays, got {pred.shape} "
+                         f"and {true.shape}")
+    if not np.isfinite(true).all():
+        raise ValueError("comparable_euler_mae: the dataset triple is unknown for some samples")
+    pred = peers_euler(pred, decoding)
+    e = euler_abs_error(torch.from_numpy(pred), torch.from_numpy(true)).numpy()
+    mae: dict[str, Any] = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
+    mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+    mae["n"] = int(pred.shape[0])
+    mae["definition"] = COMPARABLE_DEFINITION
+    mae["decoding"] = f"{decoding}: {PEERS_DECODINGS[decoding]}"
+    return mae
+
+
 def euler_in_range(
     errors: SampleErrors, euler_range: float = EULER_RANGE_DEG, max_yaw: float = 90.0
 ) -> np.ndarray:
@@ -171,6 +295,7 @@ def summarize(
     euler_range: float = EULER_RANGE_DEG,
     max_yaw: float = 90.0,
     thresholds: Sequence[float] = THRESHOLDS_DEG,
+    decoding: str = "6drepnet",
 ) -> dict[str, Any]:
     """Report figures of one set of per-sample errors (degrees; shares in [0, 1]).
 
@@ -179,10 +304,13 @@ def summarize(
         euler: report Euler MAE at all (``False`` for full-range protocols).
         euler_range, max_yaw: the Euler-meaningful box (module docstring).
         thresholds: geodesic thresholds for the ``under`` shares.
+        decoding: how the comparable figure reads the prediction's angles (:func:`peers_euler`).
 
     Returns:
         ``{"n", "geodesic": {"mean", "median", "p90"}, "maev", "under": {"5": share, ...},
-        "euler": {"yaw", "pitch", "roll", "mean", "n", "note"} or {"n": 0, "note"}}``.
+        "euler": {"yaw", "pitch", "roll", "mean", "n", "note", "definition"} or {"n": 0, "note",
+        "definition"}}``, plus ``"euler_comparable": {"yaw", "pitch", "roll", "mean", "n",
+        "definition"}`` when every sample carries the dataset's own triple.
     """
     n = len(errors)
     if n == 0:
@@ -208,13 +336,17 @@ def summarize(
         f", |yaw| <= {max_yaw:g} deg" if max_yaw < 90.0 else ""
     )
     if k == 0:
-        out["euler"] = {"n": 0, "note": f"not reported: no sample has true {box}"}
-        return out
-    e = errors.euler_err[keep]
-    mae = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
-    mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
-    note = "all samples" if k == n else f"over the {k} of {n} samples with true {box}"
-    out["euler"] = {**mae, "n": k, "note": note}
+        out["euler"] = {"n": 0, "note": f"not reported: no sample has true {box}",
+                        "definition": EULER_DEFINITION}
+    else:
+        e = errors.euler_err[keep]
+        mae = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
+        mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+        note = "all samples" if k == n else f"over the {k} of {n} samples with true {box}"
+        out["euler"] = {**mae, "n": k, "note": note, "definition": EULER_DEFINITION}
+    if np.isfinite(errors.euler_dataset).all():
+        out["euler_comparable"] = comparable_euler_mae(errors.euler_pred, errors.euler_dataset,
+                                                       decoding)
     return out
 
 

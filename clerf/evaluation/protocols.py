@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -142,6 +143,12 @@ class EvalSource(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description for the report."""
 
+    def dataset_euler(self) -> np.ndarray | None:
+        """The dataset's own ``(pitch, yaw, roll)`` triple (degrees) of every sample, ``(n, 3)``,
+        or None when the source has none (the ground truth of the published-comparable Euler
+        MAE, docs/conventions.md section 7)."""
+        return None
+
 
 class TensorSource(EvalSource):
     """In-memory images ``(N, 3, H, W)`` uint8 and rotations ``(N, 3, 3)``."""
@@ -233,10 +240,19 @@ class StoreSource(EvalSource):
         part = self.store.read_range(start, min(stop, self.n))
         return torch.from_numpy(part["images"]), torch.from_numpy(part["rotations"])
 
+    def dataset_euler(self) -> np.ndarray | None:
+        """The store's ``dataset_euler`` (written by ``clerf prepare``), or None."""
+        f = self.store.file
+        if "dataset_euler" not in f:
+            return None
+        return np.asarray(f["dataset_euler"][: self.n], dtype=np.float64)
+
     def describe(self) -> dict[str, Any]:
         attrs = self.store.attrs
         keep = ("kind", "resolution", "num_images", "generator", "dataset", "source", "split",
-                "crop_preset", "seed")
+                "crop_preset", "seed", "source_dataset", "crop_missing_landmarks",
+                "count_missing_landmarks", "resize", "protocol_max_abs_angle_deg", "count_kept",
+                "count_scanned", "count_beyond_99_deg")
         return {"kind": "store", "path": str(self.path), "n": self.n,
                 "attrs": {k: _plain(attrs[k]) for k in keep if k in attrs}}
 
