@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clerf.errors import ConfigError
-from clerf.geometry import HOPENET_BINS
+from clerf.geometry import HOPENET_BINS, PROTOCOL_MAX_ABS_ANGLE
 from clerf.versions import CONVENTIONS_VERSION, __version__
 
 # --------------------------------------------------------------------------- schema sections
@@ -357,7 +357,7 @@ class PrepareConfig:
     #: transform), ``6drepnet`` (Resize(r*256/224) + CenterCrop(r), 6DRepNet's) or ``stretch``
     resize: str = "center"
     #: protocol filter: keep samples with all |angles| <= this (deg); null = keep all
-    max_abs_angle: float | None = 99.0
+    max_abs_angle: float | None = PROTOCOL_MAX_ABS_ANGLE
     #: BIWI is evaluated whole: apply ``max_abs_angle`` to BIWI only when this is true (the
     #: count beyond +-99 deg is logged and stored either way)
     biwi_filter: bool = False
@@ -393,7 +393,7 @@ class EvaluateConfig:
     #: evaluate only the first N stored samples (0 = all)
     max_samples: int = 0
     #: Euler MAE over samples with true |pitch|, |roll| <= this (deg); the rest are counted
-    euler_range_deg: float = 99.0
+    euler_range_deg: float = PROTOCOL_MAX_ABS_ANGLE
     #: full range: N uniform SO(3) rotations rendered with this generator and seed
     full_range_n: int = 512
     full_range_seed: int = 0

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PROTOCOL_MAX_ABS_ANGLE",
     "EulerAngles",
     "BinSpec",
     "HOPENET_BINS",
@@ -58,7 +59,6 @@ __all__ = [
     "view_angles",
     "wrap_degrees",
     "euler_abs_error",
-    "euler_mae",
     "maev",
     "axis_errors",
     "bin_edges",
@@ -293,6 +293,14 @@ def hflip_rotation(R: Tensor) -> Tensor:
     """
     f = _diag_like(_F_DIAG, R)
     return f[:, None] * R * f[None, :]
+
+
+def hflip_euler(pitch, yaw, roll):
+    """:func:`hflip_rotation` in Euler angles: ``(pitch, -yaw, -roll)`` (any numbers or arrays).
+
+    ``rotation_from_euler(*hflip_euler(p, y, r)) == hflip_rotation(rotation_from_euler(p, y, r))``.
+    """
+    return pitch, -yaw, -roll
 
 
 def vflip_rotation(R: Tensor) -> Tensor:
@@ -596,21 +604,6 @@ def euler_abs_error(pred: Tensor, true: Tensor) -> Tensor:
     return wrap_degrees(pred - true).abs()
 
 
-def euler_mae(pred: EulerAngles, true: EulerAngles) -> dict[str, float]:
-    """Per-axis Euler MAE and their mean (degrees), over all samples (docs/conventions.md
-    section 7).
-
-    Differences are wrapped by 360 only, never by 180. Order- and batch-size-independent: it is a
-    plain mean over the flattened samples.
-    """
-    out = {}
-    for axis in ("yaw", "pitch", "roll"):
-        e = euler_abs_error(getattr(pred, axis), getattr(true, axis)).double()
-        out[axis] = float(e.mean())
-    out["mean"] = (out["yaw"] + out["pitch"] + out["roll"]) / 3.0
-    return out
-
-
 def axis_errors(R_pred: Tensor, R_true: Tensor, eps: float = 1e-7) -> Tensor:
     """Angle (degrees) between each predicted and true head axis (rows of ``R``), ``(..., 3)``."""
     cross = torch.linalg.cross(R_pred, R_true, dim=-1).norm(dim=-1)
@@ -624,6 +617,11 @@ def maev(R_pred: Tensor, R_true: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- bins (HopeNet)
+
+
+#: The benchmarks' Euler bound (docs/conventions.md section 6): a sample is kept (and its Euler
+#: angles are meaningful for the Euler MAE) only if |pitch|, |yaw| and |roll| are all <= 99 deg.
+PROTOCOL_MAX_ABS_ANGLE = 99.0
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clerf.augment import GeometricParams, warp_images
 from clerf.geometry import (
+    band_directions,
     camera_direction,
+    cap_directions,
     check_rotation,
+    in_band,
+    in_cap,
     lookat_rotation,
     rotate_inplane,
     split_camera_inplane,
@@ -374,12 +379,15 @@ class GANAdapter(PoseGenerator):
 
     def _finish(self, img: Tensor, phi: Tensor, res: int) -> Tensor:
         """[-1, 1] network output -> turned clockwise by ``phi`` -> resized -> uint8."""
-        import kornia  # light enough, but only adapters need it
-
         x = (img.clamp(-1, 1) + 1) * 0.5
         if bool((phi != 0).any()):
-            # kornia's positive angle turns the image counter-clockwise (pinned in the tests)
-            x = kornia.geometry.transform.rotate(x, -phi, padding_mode=self.padding)
+            # the image side of the in-plane rule, shared with the augmentation
+            n = x.shape[0]
+            no = torch.zeros(n, dtype=torch.bool, device=x.device)
+            turn = GeometricParams(angle=phi.to(x.device, torch.float32), hflip=no, vflip=no,
+                                   scale=torch.ones(n, device=x.device),
+                                   translate=torch.zeros(n, 2, device=x.device))  # fmt: skip
+            x = warp_images(x, turn, padding=self.padding)
         if x.shape[-1] != res or x.shape[-2] != res:
             mode = "area" if x.shape[-1] > res else "bilinear"
             kw = {} if mode == "area" else {"align_corners": False}
@@ -409,16 +417,12 @@ class EG3DGenerator(GANAdapter):
         return {**super().params(), "max_angle": self.max_angle}
 
     def _reachable_direction(self, d: Tensor) -> Tensor:
-        cos = d[..., 2] / d.norm(dim=-1)
-        return cos >= math.cos(math.radians(self.max_angle)) - 1e-12
+        return in_cap(d, self.max_angle)
 
     def _sample_direction(self, n: int, gen: torch.Generator) -> Tensor:
-        # uniform on the spherical cap around +z
         c = torch.rand(n, generator=gen, dtype=torch.float64)
-        cos = 1 - c * (1 - math.cos(math.radians(self.max_angle)))
-        az = torch.rand(n, generator=gen, dtype=torch.float64) * 2 * math.pi
-        sin = (1 - cos * cos).clamp_min(0).sqrt()
-        return torch.stack([sin * torch.cos(az), sin * torch.sin(az), cos], -1)
+        az = torch.rand(n, generator=gen, dtype=torch.float64)
+        return cap_directions(c, az, self.max_angle)
 
     def _range_text(self) -> str:
         return f"within max_angle {self.max_angle:g} deg of frontal"
@@ -446,16 +450,12 @@ class PanoHeadGenerator(GANAdapter):
         return {**super().params(), "max_elevation": self.max_elevation}
 
     def _reachable_direction(self, d: Tensor) -> Tensor:
-        sin = d[..., 1] / d.norm(dim=-1)
-        return sin.abs() <= math.sin(math.radians(self.max_elevation)) + 1e-12
+        return in_band(d, self.max_elevation)
 
     def _sample_direction(self, n: int, gen: torch.Generator) -> Tensor:
-        # uniform on the sphere's band |elevation| <= max_elevation
-        m = math.sin(math.radians(self.max_elevation))
-        y = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * m
-        az = torch.rand(n, generator=gen, dtype=torch.float64) * 2 * math.pi
-        r = (1 - y * y).clamp_min(0).sqrt()
-        return torch.stack([r * torch.sin(az), y, r * torch.cos(az)], -1)
+        h = torch.rand(n, generator=gen, dtype=torch.float64)
+        az = torch.rand(n, generator=gen, dtype=torch.float64)
+        return band_directions(h, az, self.max_elevation)
 
     def _range_text(self) -> str:
         return f"elevation within max_elevation {self.max_elevation:g} deg"

@@ -382,10 +382,12 @@ def test_euler_error_wraps_by_360_only():
 
 
 def test_euler_mae_hand_computed():
-    z = torch.zeros(2)
-    pred = g.EulerAngles(pitch=torch.tensor([10.0, 170.0]), yaw=torch.tensor([0.0, 4.0]), roll=z)
-    true = g.EulerAngles(pitch=torch.tensor([0.0, -10.0]), yaw=torch.tensor([2.0, 0.0]), roll=z)
-    m = g.euler_mae(pred, true)
+    from clerf.evaluation.metrics import euler_mae
+
+    # (yaw, pitch, roll) per sample; pitch 170 vs -10 is 180 apart, not 0
+    pred = torch.tensor([[0.0, 10.0, 0.0], [4.0, 170.0, 0.0]])
+    true = torch.tensor([[2.0, 0.0, 0.0], [0.0, -10.0, 0.0]])
+    m = euler_mae(g.euler_abs_error(pred, true).numpy())
     assert m == pytest.approx({"yaw": 3.0, "pitch": 95.0, "roll": 0.0, "mean": 98.0 / 3})
 
 
@@ -407,11 +409,14 @@ def test_metrics_do_not_depend_on_batch_size_or_order():
     ]
     ge = torch.cat([c[: len(c) // 2] for c in chunks])
     torch.testing.assert_close(ge, full[:100])
+    from clerf.evaluation.metrics import euler_mae
+
     perm = torch.randperm(100, generator=torch.Generator().manual_seed(0))
-    ep, et = g.euler_from_rotation(Rp), g.euler_from_rotation(Rt)
-    m1 = g.euler_mae(ep, et)
-    m2 = g.euler_mae(g.EulerAngles(*(t[perm] for t in ep)), g.EulerAngles(*(t[perm] for t in et)))
-    assert m1 == pytest.approx(m2, abs=1e-9)
+    ep = torch.stack([(e := g.euler_from_rotation(Rp)).yaw, e.pitch, e.roll], -1)
+    et = torch.stack([(e := g.euler_from_rotation(Rt)).yaw, e.pitch, e.roll], -1)
+    m1 = euler_mae(g.euler_abs_error(ep, et).numpy())
+    m2 = euler_mae(g.euler_abs_error(ep[perm], et[perm]).numpy())
+    assert m1 == m2  # exactly rounded: the same bits in any order
 
 
 # ----------------------------------------------------------------------------- projections, views
@@ -520,3 +525,15 @@ def test_inplane_image_matrix_is_clockwise_and_matches_kornia(angle):
     q = g.inplane_image_matrix(torch.tensor(90.0, dtype=torch.float64))
     assert torch.allclose(q @ torch.tensor([0.0, -1.0], dtype=torch.float64),
                           torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(-85, 85), st.floats(-179, 179), st.floats(-179, 179))
+def test_hflip_euler_is_hflip_rotation_in_euler_angles(pitch, yaw, roll):
+    t = torch.tensor
+    R = g.rotation_from_euler(t(pitch, dtype=torch.float64), t(yaw, dtype=torch.float64),
+                              t(roll, dtype=torch.float64))
+    p2, y2, r2 = g.hflip_euler(pitch, yaw, roll)
+    R2 = g.rotation_from_euler(t(p2, dtype=torch.float64), t(y2, dtype=torch.float64),
+                               t(r2, dtype=torch.float64))
+    assert torch.allclose(R2, g.hflip_rotation(R), atol=1e-12)

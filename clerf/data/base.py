@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from clerf.errors import DataError
-from clerf.geometry import rotation_from_euler
+from clerf.geometry import PROTOCOL_MAX_ABS_ANGLE, rotation_from_euler
 
 __all__ = [
     "PROTOCOL_MAX_ABS_ANGLE",
@@ -44,8 +44,6 @@ __all__ = [
 
 log = logging.getLogger("clerf.data")
 
-#: The benchmark filter: keep a sample only if |pitch|, |yaw| and |roll| are all <= 99 deg.
-PROTOCOL_MAX_ABS_ANGLE = 99.0
 
 
 @dataclass(frozen=True)

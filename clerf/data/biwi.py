@@ -33,7 +33,7 @@ import torch
 
 from clerf.data.base import RealDataset, RealSample, register_dataset
 from clerf.errors import DataError
-from clerf.geometry import hflip_rotation
+from clerf.geometry import hflip_euler, hflip_rotation
 
 __all__ = ["BIWI", "BIWI_SIGNS", "BIWI_CHANNELS", "biwi_rotation_from_raw"]
 
@@ -116,9 +116,10 @@ class BIWI(RealDataset):
                 f"{p}: 'pose' must be ({images.shape[0]}, 3) yaw, pitch, roll, got {pose.shape}"
             )
         self._images = images
-        sign = np.array([1.0, 1.0, 1.0]) if self.signs == "fsanet" else np.array([-1.0, 1.0, -1.0])
-        for i, (yaw, pitch, roll) in enumerate(pose * sign):
+        for i, (yaw, pitch, roll) in enumerate(pose.tolist()):
             euler = (float(pitch), float(yaw), float(roll))
+            if self.signs == "mirrored":  # the mirror image's label (docs/conventions.md)
+                euler = hflip_euler(*euler)
             self._consider(RealSample(f"BIWI/{i:06d}", "BIWI", euler, row=i))
 
     def load_image(self, sample: RealSample) -> np.ndarray:

@@ -54,15 +54,19 @@ import torch
 from torch import Tensor
 
 from clerf.geometry import (
+    HOPENET_BINS,
+    PROTOCOL_MAX_ABS_ANGLE,
     EulerAngles,
     axis_errors,
     euler_abs_error,
     euler_from_rotation,
     euler_other_branch,
     geodesic_error,
+    maev,
 )
 
 __all__ = [
+    "euler_mae",
     "THRESHOLDS_DEG",
     "EULER_RANGE_DEG",
     "EULER_DEFINITION",
@@ -82,7 +86,7 @@ __all__ = [
 #: geodesic-error thresholds (deg) for the "share of samples under" figures
 THRESHOLDS_DEG: tuple[float, ...] = (5.0, 10.0, 15.0, 30.0)
 #: the benchmark's Euler filter (docs/conventions.md section 6): |angles| <= 99 deg
-EULER_RANGE_DEG = 99.0
+EULER_RANGE_DEG = PROTOCOL_MAX_ABS_ANGLE
 
 #: Euler axes as reported (the peers' tables: yaw, pitch, roll)
 _AXES = ("yaw", "pitch", "roll")
@@ -106,7 +110,7 @@ PEERS_DECODINGS = {
             "a binned head outputs it",
 }
 #: the bin range a binned head's angles lie in (docs/conventions.md section 5)
-_BIN_RANGE = (-99.0, 99.0)
+_BIN_RANGE = (HOPENET_BINS.start, HOPENET_BINS.stop)
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ def compute_errors(
         index=idx.numpy(),
         geodesic=geodesic_error(Rp, Rt).numpy(),
         axis=ax.numpy(),
-        maev=ax.mean(-1).numpy(),
+        maev=maev(Rp, Rt).numpy(),
         euler_true=et.numpy(),
         euler_pred=ep.numpy(),
         euler_err=euler_abs_error(ep, et).numpy(),
@@ -252,6 +256,17 @@ def peers_euler(euler_pred: np.ndarray, decoding: str = "6drepnet") -> np.ndarra
     return np.where(use[:, None], alt, pred)
 
 
+def euler_mae(err: np.ndarray) -> dict[str, float]:
+    """Per-axis Euler MAE and their mean (degrees) from absolute errors ``(N, 3)`` ordered
+    (yaw, pitch, roll) (:func:`clerf.geometry.euler_abs_error`: wrapped by 360 only).
+
+    Exactly rounded sums: the same bits in any sample order or batching.
+    """
+    mae = {axis: _mean(err[:, i]) for i, axis in enumerate(_AXES)}
+    mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+    return mae
+
+
 def comparable_euler_mae(
     euler_pred: np.ndarray, euler_dataset: np.ndarray, decoding: str = "6drepnet"
 ) -> dict[str, Any]:
@@ -272,9 +287,8 @@ def comparable_euler_mae(
     if not np.isfinite(true).all():
         raise ValueError("comparable_euler_mae: the dataset triple is unknown for some samples")
     pred = peers_euler(pred, decoding)
-    e = euler_abs_error(torch.from_numpy(pred), torch.from_numpy(true)).numpy()
-    mae: dict[str, Any] = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
-    mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+    mae: dict[str, Any] = euler_mae(
+        euler_abs_error(torch.from_numpy(pred), torch.from_numpy(true)).numpy())
     mae["n"] = int(pred.shape[0])
     mae["definition"] = COMPARABLE_DEFINITION
     mae["decoding"] = f"{decoding}: {PEERS_DECODINGS[decoding]}"
@@ -339,9 +353,7 @@ def summarize(
         out["euler"] = {"n": 0, "note": f"not reported: no sample has true {box}",
                         "definition": EULER_DEFINITION}
     else:
-        e = errors.euler_err[keep]
-        mae = {axis: _mean(e[:, i]) for i, axis in enumerate(_AXES)}
-        mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
+        mae = euler_mae(errors.euler_err[keep])
         note = "all samples" if k == n else f"over the {k} of {n} samples with true {box}"
         out["euler"] = {**mae, "n": k, "note": note, "definition": EULER_DEFINITION}
     if np.isfinite(errors.euler_dataset).all():

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from clerf.evaluation.metrics import SampleErrors, binned_error, cumulative_curve, merge
+from clerf.geometry import PROTOCOL_MAX_ABS_ANGLE
 
 __all__ = ["write_report", "markdown_report", "write_figures", "write_samples_csv",
            "published_comparison"]
@@ -68,7 +69,7 @@ def published_comparison(data: dict[str, Any] | None) -> str:
         if attrs.get("crop_preset") != "hopenet_test":
             why.append(f"crop preset `{attrs.get('crop_preset')}` is not the peers' "
                        "`hopenet_test`")
-        if lim is not None and float(lim) != 99.0:
+        if lim is not None and float(lim) != PROTOCOL_MAX_ABS_ANGLE:
             why.append("the +-99 deg filter was not applied" if float(lim) < 0
                        else f"filter +-{float(lim):g} deg, not +-99")
         if n != _AFLW2000_PROTOCOL_N:
