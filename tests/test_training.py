@@ -233,7 +233,7 @@ def test_resume_never_unpickles_a_checkpoint(tmp_path):
     fit(ToyTask(), cfg, tmp_path, section="pretrain")
     ckpt = find_checkpoints(tmp_path)[-1]
     marker = tmp_path / "payload_ran"
-    # The files accelerate's load_state unpickles: a checkpoint shared by someone else may hold them.
+    # Files accelerate's load_state unpickles: a checkpoint shared by others may hold them.
     for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl"):
         (ckpt / name).write_bytes(pickle.dumps(_Payload(marker)))
     again = fit(ToyTask(), _cfg("pretrain.train.epochs=2"), tmp_path, section="pretrain")

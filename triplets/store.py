@@ -231,6 +231,12 @@ class StoreWriter:
         self.extra = dict(extra or {})
         self.fingerprint = _json(fingerprint)
         self._file: h5py.File | None = None
+        # Overwriting writes a sibling file that replaces the old store in finalize(): a run
+        # that fails or is killed before then leaves the old store as it was.
+        self._write_path = self.path
+        if overwrite and self.path.exists():
+            self._write_path = self.path.with_name(f".{self.path.stem}.overwrite{self.path.suffix}")
+        self.overwriting = self._write_path != self.path
 
         if self.path.exists() and not overwrite:
             state = store_state(self.path)
@@ -267,11 +273,11 @@ class StoreWriter:
         try:
             with h5py.File(tmp, "w") as f:
                 self._build(f, attrs, compression, level, triplets)
-            os.replace(tmp, self.path)
+            os.replace(tmp, self._write_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self._file = h5py.File(self.path, "r+")
+        self._file = h5py.File(self._write_path, "r+")
 
     def _build(self, f, attrs, compression, level, triplets) -> None:
         n, c, r = self.total, min(self.chunk, self.total), self.resolution
@@ -452,6 +458,11 @@ class StoreWriter:
             f.flush()  # ... then the progress record that says it is there
         except OSError as exc:
             self.close()
+            if self.overwriting:
+                raise DataError(
+                    f"writing images {start}-{stop} of {self.path} failed ({exc}); the existing "
+                    "store is unchanged: fix the cause and rerun with --overwrite"
+                ) from exc
             raise DataError(
                 f"writing images {start}-{stop} of {self.path} failed ({exc}); the file keeps "
                 "its committed chunks: fix the cause and rerun with --resume"
@@ -489,6 +500,8 @@ class StoreWriter:
         f.attrs["complete"] = True
         f.flush()
         self.close()
+        if self.overwriting:
+            os.replace(self._write_path, self.path)
         return self.path
 
     def close(self) -> None:
