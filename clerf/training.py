@@ -63,7 +63,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from clerf.config import provenance, save_resolved, to_dict
-from clerf.errors import ConfigError, DataError
+from clerf.errors import ConfigError, DataError, TrainingDiverged
 
 __all__ = [
     "Task",
@@ -731,7 +731,7 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
             with accelerator.accumulate(model):
                 loss, logs = task.train_step(model, batch, ctx)
                 if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(
+                    raise TrainingDiverged(
                         f"{section}: non-finite loss at step {state.step} (epoch {epoch}); "
                         "lower train.lr or check the data"
                     )
