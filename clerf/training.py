@@ -75,6 +75,10 @@ __all__ = [
     "CHECKPOINT_DIR",
 ]
 
+#: ``train`` keys that may differ when a run is resumed: the length of training (extending a run
+#: is a legitimate resume) and display-only settings (they change nothing that is computed)
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "progress")
+
 #: checkpoints live in ``OUT/checkpoints/step_XXXXXXXX``
 CHECKPOINT_DIR = "checkpoints"
 _PREFIX = "step_"
@@ -561,7 +565,7 @@ def _check_resume_config(out: Path, cfg: DictConfig, section: str) -> None:
         return
     old = to_dict(OmegaConf.load(saved))
     new = to_dict(cfg)
-    for key in ("epochs", "max_steps"):  # extending a run is a legitimate resume
+    for key in RESUME_MAY_CHANGE:
         for d in (old, new):
             d.get(section, {}).get("train", {}).pop(key, None)
     diffs = sorted(_diff_keys(old, new))

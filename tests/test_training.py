@@ -128,6 +128,10 @@ def test_resume_with_another_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"different config \(keys: pretrain.train.lr\)"):
         fit(ToyTask(), _cfg("pretrain.train.epochs=1", "pretrain.train.lr=0.1"), tmp_path,
             section="pretrain")  # fmt: skip
+    # a display-only setting never blocks a resume
+    again = fit(ToyTask(), _cfg("pretrain.train.epochs=1", "pretrain.train.progress=true"),
+                tmp_path, section="pretrain")  # fmt: skip
+    assert again["resumed_from"] == 8
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
