@@ -52,7 +52,18 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _quiet_libraries() -> None:
+    """Library log lines (FFmpeg inside OpenCV, OpenCV's own) would come before clerf's one-line
+    error; clerf reports what failed itself. Set before the first video is opened; a value the
+    user exported wins."""
+    import os
+
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's name, so the hint points at the right --help
