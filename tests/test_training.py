@@ -275,3 +275,19 @@ def test_checkpoint_of_an_older_format_is_refused_not_unpickled(tmp_path):
     loop.write_text(json.dumps(state))
     with pytest.raises(DataError, match="older clerf checkpoints hold pickles"):
         fit(ToyTask(), _cfg("pretrain.train.epochs=2"), tmp_path, section="pretrain")
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from clerf.training import _rng_state, _set_rng_state
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)  # noqa: NPY002
+    torch.save(_rng_state(), tmp_path / "rng.bin")
+    first = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    _set_rng_state(torch.load(tmp_path / "rng.bin", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2]
