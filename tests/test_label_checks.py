@@ -85,3 +85,17 @@ def test_cli_finetune_and_evaluate_refuse(tmp_path, capsys, how):
                  str(tmp_path / "ev"), "--no-figures"])  # fmt: skip
     assert _one_line_error(capsys, code, str(bad), EXPECT[how]) == 1
     assert not (tmp_path / "ev").exists()
+
+
+def test_interleaved_layout_must_match_its_table(triplet_store, tmp_path):
+    import shutil
+
+    import h5py
+
+    bad = tmp_path / "swapped.h5"
+    shutil.copy(triplet_store, bad)
+    with h5py.File(bad, "r+") as f:
+        f["triplets"][3] = [9, 10, 2]  # in range, but not what the interleaved layout reads
+    with pytest.raises(DataError, match=r"dataset 'triplets' row 3 is \[9, 10, 2\], but the "
+                                        r"store says its layout is interleaved"):  # fmt: skip
+        open_store(bad)
