@@ -157,6 +157,10 @@ def test_cli_generate_and_errors(tmp_path, capsys):
     assert main(["generate", str(cfg), "--out", str(tmp_path / "x.h5"),
                  "generator.name=nosuch"]) == 2
     assert "unknown generator 'nosuch'" in capsys.readouterr().err
+    assert main(["generate", str(cfg), "--out", str(tmp_path / "x.h5"),
+                 "generator.resolution=7"]) == 2
+    assert "generator.resolution must be an integer number of pixels in [16, 1024], got 7" in \
+        capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
 
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from clerf.config import provenance, to_dict
 from clerf.errors import ConfigError, DataError
 from generators import PoseGenerator, build_generator
+from generators.base import check_resolution
 from triplets.poses import PoseSampler, build_pose_sampler
 from triplets.rules import TripletRule, TripletSampler
 from triplets.store import COMPRESSIONS, StoreWriter, store_state, write_entry_file
@@ -55,8 +56,10 @@ def _check_config(cfg: DictConfig) -> None:
     problems = []
     if t.count <= 0:
         problems.append(f"triplets.count must be positive, got {t.count}")
-    if g.resolution <= 0:
-        problems.append(f"generator.resolution must be positive, got {g.resolution}")
+    try:
+        check_resolution(g.resolution)
+    except ValueError as exc:
+        problems.append(f"generator.{exc}")
     if s.chunk_images <= 0 or s.chunk_images % 3:
         problems.append(
             f"store.chunk_images must be a positive multiple of 3 for a triplet store (a "
