@@ -407,6 +407,10 @@ def _load_checkpoint(accelerator, ckpt: Path, state: _LoopState, model, optimize
     def bad(path: Path, why: str) -> DataError:
         return DataError(f"{path}: {why}; {hint}")
 
+    def first_sentence(exc: BaseException) -> str:
+        text = " ".join(str(exc).split()) or exc.__class__.__name__
+        return text.split(". ")[0][:160]
+
     def load_torch(path: Path) -> Any:
         if not path.is_file():
             raise bad(path, "missing from the checkpoint")
@@ -414,7 +418,7 @@ def _load_checkpoint(accelerator, ckpt: Path, state: _LoopState, model, optimize
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling errors come in many types
             raise bad(path, "not a readable clerf checkpoint file (read with weights_only=True: "
-                      f"{' '.join(str(exc).split())[:160]})") from exc  # fmt: skip
+                      f"{first_sentence(exc)})") from exc  # fmt: skip
 
     loop_file = ckpt / _LOOP_FILE
     try:
@@ -445,8 +449,7 @@ def _load_checkpoint(accelerator, ckpt: Path, state: _LoopState, model, optimize
         try:
             obj.load_state_dict(sd)
         except Exception as exc:
-            raise bad(path, f"does not match this run ({' '.join(str(exc).split())[:160]})") \
-                from exc  # fmt: skip
+            raise bad(path, f"does not match this run ({first_sentence(exc)})") from exc
     rng_path = ckpt / _rng_file(accelerator.process_index)
     if rng_path.is_file() or accelerator.process_index == 0:
         rng = load_torch(rng_path)
