@@ -630,16 +630,6 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     # Every rank checks (and raises) before anything is written: an error on the main process
     # alone would leave the other ranks waiting forever.
     _check_resume_config(out, cfg, section)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out)
-        (out / "provenance.json").write_text(
-            json.dumps(
-                provenance(cfg, stage=section, world_size=accelerator.num_processes), indent=2
-            )
-        )
-    accelerator.wait_for_everyone()
     set_seed(int(cfg.seed))
     ctx = StepContext(accelerator=accelerator, cfg=cfg, train_cfg=tc, out=out)
 
@@ -660,6 +650,17 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     steps_per_epoch = micro_per_epoch // int(tc.grad_accum)
     total_steps = int(tc.max_steps) or int(tc.epochs) * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    # The inputs are checked (model, optimizer, data): only now does anything appear in ``out``.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out)
+        (out / "provenance.json").write_text(
+            json.dumps(
+                provenance(cfg, stage=section, world_size=accelerator.num_processes), indent=2
+            )
+        )
+    accelerator.wait_for_everyone()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lr_lambda(total_steps, int(tc.warmup_steps), str(tc.schedule), float(tc.min_lr_ratio)),

@@ -67,7 +67,7 @@ def test_cli_pretrain_refuses(triplet_store, tmp_path, capsys, how):
     args = ["pretrain", str(REPO / "configs" / "pretrain_small.yaml"), "--out",
             str(tmp_path / "o"), *_overrides((bad, triplet_store))]  # fmt: skip
     assert _one_line_error(capsys, main(args), EXPECT[how]) == 1
-    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert not (tmp_path / "o").exists()  # checked before anything is written
 
 
 @pytest.mark.parametrize("how", ["nan", "scaled", "singular"])
@@ -76,7 +76,7 @@ def test_cli_finetune_and_evaluate_refuse(tmp_path, capsys, how):
     good = _write_store(tmp_path / "blobs.h5", axis_blobs(R, 16), R)
     bad = damaged_copy(good, tmp_path / f"{how}.h5", how)
     assert _one_line_error(capsys, main(_cli_args(bad, tmp_path / "ft")), EXPECT[how]) == 1
-    assert not (tmp_path / "ft" / "model").exists()
+    assert not (tmp_path / "ft").exists()
 
     write_store(tmp_path / "data.h5", n=12, resolution=32)
     save_tiny_model(tmp_path / "model", seed=0)
