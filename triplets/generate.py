@@ -139,7 +139,9 @@ def run_generate(
             ``triplets``, ``store`` sections).
         out: the ``.h5`` file (the entry file under several processes).
         resume: continue a partial file (an error if the partial file came from another config).
-        overwrite: replace an existing file (and its shards).
+        overwrite: replace an existing file (and its shards): the generator and sampler are
+            built first, the new store is written beside the old one (``.NAME.overwrite.h5``)
+            and replaces it only once complete, so a failure leaves the old store as it was.
         progress: show a progress bar (images/s, ETA) on the main process.
 
     Raises:
