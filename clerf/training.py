@@ -833,7 +833,9 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     }
     if accelerator.is_main_process:
         task.save_artifacts(accelerator.unwrap_model(model), out, summary)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        tmp = out / f".summary.json.tmp{os.getpid()}"  # replaced whole, never half-written
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "summary.json")
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
