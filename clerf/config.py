@@ -489,6 +489,9 @@ def _load_yaml(p: Path) -> DictConfig:
         raise ConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
+    if len(loaded) == 0:  # an empty file (or only comments) would silently run every default
+        raise ConfigError(f"{p}: the config file is empty; expected config sections (e.g. "
+                          "'triplets:'), see configs/ for examples")  # fmt: skip
     return loaded
 
 

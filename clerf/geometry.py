@@ -54,6 +54,7 @@ __all__ = [
     "rotation_from_axes",
     "sample_euler_box",
     "check_rotation",
+    "first_non_rotation",
     "is_rotation",
     "image_axes",
     "view_angles",
@@ -571,6 +572,26 @@ def is_rotation(R: Tensor, tol: float = 1e-4) -> Tensor:
     return (ortho <= tol) & ((det - 1).abs() <= tol)
 
 
+def first_non_rotation(R: Tensor, tol: float = 1e-4) -> tuple[tuple[int, ...], str] | None:
+    """The first matrix of ``R`` ``(..., 3, 3)`` that is not a rotation and why; None if none.
+
+    A rotation label is finite, orthonormal (``max|R R^T - I| <= tol``) and has ``det R = +1``
+    (within ``tol``): docs/conventions.md. Vectorised; returns the batch index of the first
+    offender and a short reason (``"not finite"`` or its defect and determinant).
+    """
+    R = R.detach().double()
+    finite = torch.isfinite(R).all(dim=-1).all(dim=-1)
+    ortho, det = _rotation_defects(torch.where(finite[..., None, None], R, torch.eye(3).to(R)))
+    bad = ~finite | (ortho > tol) | ((det - 1).abs() > tol)
+    if not bool(bad.any()):
+        return None
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    if not bool(finite[idx]):
+        return idx, "not finite (NaN or infinity)"
+    return idx, (f"not a rotation matrix (max |R R^T - I| = {float(ortho[idx]):.3g}, "
+                 f"det = {float(det[idx]):.6g}; tolerance {tol:g})")  # fmt: skip
+
+
 def check_rotation(R: Tensor, tol: float = 1e-4, name: str = "rotation") -> Tensor:
     """Return ``R`` if it is a batch of rotation matrices, else raise ``ValueError``.
 
@@ -580,14 +601,9 @@ def check_rotation(R: Tensor, tol: float = 1e-4, name: str = "rotation") -> Tens
         raise ValueError(f"{name}: expected a (..., 3, 3) tensor, got shape {tuple(R.shape)}")
     if not torch.isfinite(R).all():
         raise ValueError(f"{name}: contains NaN or infinite values")
-    ortho, det = _rotation_defects(R.detach().double())
-    bad = (ortho > tol) | ((det - 1).abs() > tol)
-    if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name}: element {idx} is not a rotation matrix (max |R R^T - I| = "
-            f"{float(ortho[idx]):.3g}, det = {float(det[idx]):.6g}; tolerance {tol:g})"
-        )
+    found = first_non_rotation(R, tol)
+    if found is not None:
+        raise ValueError(f"{name}: element {found[0]} is {found[1]}")
     return R
 
 

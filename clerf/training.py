@@ -7,9 +7,12 @@ A stage (``clerf.pretrain``, ``clerf.finetune``) describes *what* to train by im
   accumulation; nothing here calls ``.cuda()``;
 * AdamW or SGD over the task's parameter groups (each group may carry ``lr_scale``), a linear
   warm-up then a cosine / linear / constant schedule (per optimizer step);
-* full-state checkpoints with ``accelerator.save_state`` (model, optimizer, scheduler, RNG of every
-  process, loop position) under ``OUT/checkpoints/step_XXXXXXXX``, written to a temporary folder
-  and renamed, so a killed run never leaves a checkpoint that looks complete;
+* full-state checkpoints (model, optimizer, scheduler, RNG of every process, loop position) under
+  ``OUT/checkpoints/step_XXXXXXXX``, written to a temporary folder and renamed, so a killed run
+  never leaves a checkpoint that looks complete. They hold no pickle: the model is safetensors,
+  the loop position JSON, everything else plain tensors and numbers read back with
+  ``torch.load(weights_only=True)`` (accelerate's ``save_state``/``load_state`` unpickle its
+  ``.pkl`` files, so they are not used); a shared or downloaded checkpoint cannot run code;
 * **automatic resume**: calling :func:`fit` again with the same ``OUT`` continues from the newest
   checkpoint (mid-epoch too: the batches already seen in that epoch are skipped);
 * a tqdm bar on the main process (loss, images/s, ETA), metrics as JSON lines in
@@ -60,7 +63,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from clerf.config import provenance, save_resolved, to_dict
-from clerf.errors import ConfigError, DataError
+from clerf.errors import ConfigError, DataError, TrainingDiverged
 
 __all__ = [
     "Task",
@@ -71,6 +74,10 @@ __all__ = [
     "find_checkpoints",
     "CHECKPOINT_DIR",
 ]
+
+#: ``train`` keys that may differ when a run is resumed: the length of training (extending a run
+#: is a legitimate resume) and display-only settings (they change nothing that is computed)
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "progress")
 
 #: checkpoints live in ``OUT/checkpoints/step_XXXXXXXX``
 CHECKPOINT_DIR = "checkpoints"
@@ -269,7 +276,7 @@ def find_checkpoints(out: str | Path) -> list[Path]:
 
 
 class _LoopState:
-    """Loop position, checkpointed with ``register_for_checkpointing``."""
+    """Loop position, saved as ``loop_state.json`` (written last: marks a complete checkpoint)."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -290,7 +297,66 @@ class _LoopState:
         self.images = int(state.get("images", 0))
 
 
-def _save_checkpoint(accelerator, out: Path, state: _LoopState, keep: int) -> Path:
+#: ``format`` in ``loop_state.json`` of checkpoints that hold no pickle (:func:`_save_checkpoint`)
+CHECKPOINT_FORMAT = "clerf-checkpoint-2"
+_MODEL_FILE = "model.safetensors"
+_OPTIMIZER_FILE = "optimizer.bin"
+_SCHEDULER_FILE = "scheduler.bin"
+_SCALER_FILE = "scaler.bin"
+_LOOP_FILE = "loop_state.json"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.bin"
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random states as plain tensors, ints and floats (nothing to unpickle)."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - restoring global state
+    state: dict[str, Any] = {
+        "python": [int(version), torch.tensor(internal, dtype=torch.int64),
+                   None if gauss is None else float(gauss)],
+        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                  int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind,  # noqa: NPY002 - restoring global state
+                         keys.numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))  # fmt: skip
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(accelerator, out: Path, state: _LoopState, keep: int, model, optimizer,
+                     scheduler) -> Path:  # fmt: skip
+    """Write the full training state to ``out/checkpoints/step_XXXXXXXX`` without pickles.
+
+    The model goes to safetensors; optimizer, scheduler and grad-scaler state dicts and each
+    process's RNG states (plain tensors, ints, floats, strings) to ``torch.save`` files that
+    :func:`_load_checkpoint` reads with ``weights_only=True``; the loop position to JSON. The
+    folder is written under a temporary name and renamed once complete.
+    """
+    from safetensors.torch import save_file
+
     ckdir = out / CHECKPOINT_DIR
     final = ckdir / f"{_PREFIX}{state.step:08d}"
     tmp = ckdir / f".{final.name}.tmp"
@@ -298,13 +364,24 @@ def _save_checkpoint(accelerator, out: Path, state: _LoopState, keep: int) -> Pa
         ckdir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    torch.save(_rng_state(), tmp / _rng_file(accelerator.process_index))
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(model)
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in raw.state_dict().items()}
+        save_file(weights, str(tmp / _MODEL_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        torch.save(optimizer.state_dict(), tmp / _OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), tmp / _SCHEDULER_FILE)
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / _SCALER_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # The JSON marker is written last, then the folder is renamed: a checkpoint folder
         # without loop_state.json, or a .tmp one, is never resumed from.
-        (tmp / "loop_state.json").write_text(json.dumps(state.state_dict()))
+        loop = {"format": CHECKPOINT_FORMAT, **state.state_dict(),
+                "accelerator_step": int(accelerator.step)}  # fmt: skip
+        (tmp / _LOOP_FILE).write_text(json.dumps(loop))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -312,6 +389,75 @@ def _save_checkpoint(accelerator, out: Path, state: _LoopState, keep: int) -> Pa
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_checkpoint(accelerator, ckpt: Path, state: _LoopState, model, optimizer,
+                     scheduler) -> None:  # fmt: skip
+    """Restore what :func:`_save_checkpoint` wrote; nothing is unpickled.
+
+    Raises:
+        DataError: one line naming the unreadable file (foreign, corrupt, truncated, from an
+            older clerf whose checkpoints were pickles) with what to do instead.
+    """
+    from clerf.models.io import load_state_strict, load_weights_file
+
+    hint = (f"move {ckpt} aside to resume from an earlier checkpoint, or give a new --out to "
+            "start fresh")  # fmt: skip
+
+    def bad(path: Path, why: str) -> DataError:
+        return DataError(f"{path}: {why}; {hint}")
+
+    def first_sentence(exc: BaseException) -> str:
+        text = " ".join(str(exc).split()) or exc.__class__.__name__
+        return text.split(". ")[0][:160]
+
+    def load_torch(path: Path) -> Any:
+        if not path.is_file():
+            raise bad(path, "missing from the checkpoint")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types
+            raise bad(path, "not a readable clerf checkpoint file (read with weights_only=True: "
+                      f"{first_sentence(exc)})") from exc  # fmt: skip
+
+    loop_file = ckpt / _LOOP_FILE
+    try:
+        loop = json.loads(loop_file.read_text())
+        if not isinstance(loop, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise bad(loop_file, f"not a readable loop state ({exc})") from exc
+    if loop.get("format") != CHECKPOINT_FORMAT:
+        raise bad(loop_file, f"format {loop.get('format')!r}, expected {CHECKPOINT_FORMAT!r} "
+                  "(older clerf checkpoints hold pickles, which are never loaded)")  # fmt: skip
+    try:
+        state.load_state_dict(loop)
+        acc_step = int(loop.get("accelerator_step", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad(loop_file, f"bad loop state ({exc!r})") from exc
+
+    try:
+        load_state_strict(accelerator.unwrap_model(model), load_weights_file(ckpt / _MODEL_FILE),
+                          source=str(ckpt / _MODEL_FILE))  # fmt: skip
+    except DataError as exc:
+        raise DataError(f"{exc}; {hint}") from exc
+    for path, obj in ((ckpt / _OPTIMIZER_FILE, optimizer), (ckpt / _SCHEDULER_FILE, scheduler),
+                      (ckpt / _SCALER_FILE, accelerator.scaler)):  # fmt: skip
+        if obj is None:
+            continue
+        sd = load_torch(path)
+        try:
+            obj.load_state_dict(sd)
+        except Exception as exc:
+            raise bad(path, f"does not match this run ({first_sentence(exc)})") from exc
+    rng_path = ckpt / _rng_file(accelerator.process_index)
+    if rng_path.is_file() or accelerator.process_index == 0:
+        rng = load_torch(rng_path)
+        try:
+            _set_rng_state(rng)
+        except Exception as exc:
+            raise bad(rng_path, f"not valid random states ({exc!r})") from exc
+    accelerator.step = acc_step
 
 
 # --------------------------------------------------------------------------- logging
@@ -422,7 +568,7 @@ def _check_resume_config(out: Path, cfg: DictConfig, section: str) -> None:
         return
     old = to_dict(OmegaConf.load(saved))
     new = to_dict(cfg)
-    for key in ("epochs", "max_steps"):  # extending a run is a legitimate resume
+    for key in RESUME_MAY_CHANGE:
         for d in (old, new):
             d.get(section, {}).get("train", {}).pop(key, None)
     diffs = sorted(_diff_keys(old, new))
@@ -484,16 +630,6 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     # Every rank checks (and raises) before anything is written: an error on the main process
     # alone would leave the other ranks waiting forever.
     _check_resume_config(out, cfg, section)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out)
-        (out / "provenance.json").write_text(
-            json.dumps(
-                provenance(cfg, stage=section, world_size=accelerator.num_processes), indent=2
-            )
-        )
-    accelerator.wait_for_everyone()
     set_seed(int(cfg.seed))
     ctx = StepContext(accelerator=accelerator, cfg=cfg, train_cfg=tc, out=out)
 
@@ -514,6 +650,17 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     steps_per_epoch = micro_per_epoch // int(tc.grad_accum)
     total_steps = int(tc.max_steps) or int(tc.epochs) * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    # The inputs are checked (model, optimizer, data): only now does anything appear in ``out``.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out)
+        (out / "provenance.json").write_text(
+            json.dumps(
+                provenance(cfg, stage=section, world_size=accelerator.num_processes), indent=2
+            )
+        )
+    accelerator.wait_for_everyone()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lr_lambda(total_steps, int(tc.warmup_steps), str(tc.schedule), float(tc.min_lr_ratio)),
@@ -522,13 +669,12 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     # optimizer step, so neither goes through prepare() (which would shard and step it again).
     model, optimizer = accelerator.prepare(model, optimizer)
     state = _LoopState()
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(state)
 
+    saved = (model, optimizer, scheduler)  # what a checkpoint holds, besides RNG and loop state
     resumed_from = None
     ckpts = find_checkpoints(out)
     if ckpts:
-        accelerator.load_state(str(ckpts[-1]))
+        _load_checkpoint(accelerator, ckpts[-1], state, model, optimizer, scheduler)
         resumed_from = state.step
         if state.micro_step >= steps_per_epoch * int(tc.grad_accum):
             state.epoch, state.micro_step = state.epoch + 1, 0
@@ -593,7 +739,7 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
             with accelerator.accumulate(model):
                 loss, logs = task.train_step(model, batch, ctx)
                 if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(
+                    raise TrainingDiverged(
                         f"{section}: non-finite loss at step {state.step} (epoch {epoch}); "
                         "lower train.lr or check the data"
                     )
@@ -638,7 +784,7 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
                 window_images, window_t0, paused = 0, time.perf_counter(), 0.0
             if tc.checkpoint_every and state.step % int(tc.checkpoint_every) == 0 and not last_step:
                 t_pause = time.perf_counter()
-                last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints)
+                last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints, *saved)
                 paused += time.perf_counter() - t_pause
             if last_step:
                 break
@@ -652,14 +798,14 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
             evaluation = run_eval()
         if not finished and epoch_done and tc.checkpoint_epochs \
                 and (epoch + 1) % int(tc.checkpoint_epochs) == 0:  # fmt: skip
-            last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints)
+            last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints, *saved)
         paused += time.perf_counter() - t_pause
     if bar is not None:
         bar.close()
 
     # Final: checkpoint (unless this exact step is saved), evaluation, artefacts, summary.
     if last_ckpt is None or int(last_ckpt.name[len(_PREFIX):]) != state.step:
-        last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints)
+        last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints, *saved)
     evaluation = run_eval()
     # One (sum, sum of squares) of the parameters per rank: equal on all ranks unless DDP
     # failed to keep them in sync (recorded so multi-process runs can be checked afterwards).
@@ -687,7 +833,9 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     }
     if accelerator.is_main_process:
         task.save_artifacts(accelerator.unwrap_model(model), out, summary)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        tmp = out / f".summary.json.tmp{os.getpid()}"  # replaced whole, never half-written
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "summary.json")
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()

@@ -108,7 +108,9 @@ def load_network(checkout: str | Path | None, network: str | Path | None, trust_
     if network is None or str(network) == "":
         raise ValueError(f"{who}: no network pickle given (set params.network: path/to/G.pkl)")
     if not trust_pickle:
-        raise ValueError(
+        from clerf.errors import UntrustedPickleError
+
+        raise UntrustedPickleError(
             f"{who}: refusing to load '{network}': unpickling a network runs arbitrary code "
             f"stored in the file; set trust_pickle: true (or --trust-pickle) only for a file you "
             f"trust"

@@ -67,6 +67,18 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(_write(tmp_path, "- 1\n- 2\n"))
 
 
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_empty_config_file_is_an_error_naming_it(tmp_path, text, capsys):
+    from clerf.cli import main
+
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"{path}: the config file is empty"):
+        load_config(path)
+    assert main(["generate", str(path), "--out", str(tmp_path / "t.h5"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is empty" in err and not (tmp_path / "t.h5").exists()
+
+
 def test_resolved_config_round_trips_and_provenance(tmp_path):
     cfg = load_config(None, ["seed=11", "generator.params.symmetric=true"])
     out = save_resolved(cfg, tmp_path / "run")

@@ -114,6 +114,15 @@ def test_real_anchor_deterministic_and_resumable(tmp_path, monkeypatch):
     assert content_hash(out) == content_hash(ref.path)
     with pytest.raises(DataError, match="already exists and is complete"):
         run_real_anchor(_cfg(), real, out)
+    calls["n"] = 0
+    monkeypatch.setattr(PoseCodeGenerator, "render", dying)
+    with pytest.raises(OSError, match="power cut"):  # a failed --overwrite loses nothing
+        run_real_anchor(_cfg("seed=3"), real, out, overwrite=True)
+    monkeypatch.setattr(PoseCodeGenerator, "render", real_render)
+    assert content_hash(out) == content_hash(ref.path)
+    with pytest.raises(ConfigError):
+        run_real_anchor(_cfg("triplets.delta=500"), real, out, overwrite=True)
+    assert content_hash(out) == content_hash(ref.path)
     other = run_real_anchor(_cfg("seed=3"), real, out, overwrite=True)
     assert content_hash(other.path) != content_hash(ref.path)
 
@@ -175,3 +184,7 @@ def test_cli_real_anchor(tmp_path, capsys):
     code = main(["real-anchor", str(tmp_path / "nope.h5"), "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "store not found" in err and "Traceback" not in err
+    # with the progress bar on, a bad input is still the one line alone (no bar drawn first)
+    code = main(["real-anchor", str(tmp_path / "nope.h5"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("clerf real-anchor: error:")

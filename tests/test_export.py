@@ -100,7 +100,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                                     1)
     assert "expected a .onnx" in err([str(model_dir), "--out", str(tmp_path / "a.txt")], 1)
     assert "--atol" in err([str(model_dir), "--out", str(tmp_path / "a.onnx"), "--atol", "0"], 2)
-    with pytest.raises(SystemExit) as exc:  # argparse: usage + one error line, exit 2
+    with pytest.raises(SystemExit) as exc:  # argparse: one error line (no usage block), exit 2
         main(["export", str(model_dir), "--out", str(tmp_path / "a.onnx"), "--format", "tflite"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "a.onnx").exists()

@@ -87,6 +87,38 @@ def test_write_error_mid_run_then_resume(tmp_path, monkeypatch):
     assert content_hash(out) == content_hash(ref)
 
 
+@pytest.mark.parametrize("bad", [
+    ["generator.name=nosuch"], ["triplets.delta=500"], ["generator.name=eg3d",
+                                                        "generator.params.network=untrusted.pkl"],
+])
+def test_failed_overwrite_leaves_the_old_store_unchanged(tmp_path, bad):
+    cfg = small_config(tmp_path)
+    out = tmp_path / "t.h5"
+    assert main(["generate", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    before = content_hash(out)
+    (tmp_path / "untrusted.pkl").write_bytes(b"not a network")
+    assert main(["generate", str(cfg), "--out", str(out), "--overwrite", "--no-progress",
+                 *bad]) == 2
+    assert store_state(out) == "complete" and content_hash(out) == before
+
+
+def test_overwrite_failing_mid_write_keeps_the_old_store(tmp_path, monkeypatch):
+    cfg = load_config(small_config(tmp_path))
+    out = run_generate(cfg, tmp_path / "t.h5", progress=False)
+    before = content_hash(out)
+    monkeypatch.setattr(StoreWriter, "_write_arrays", lambda *a: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    with pytest.raises(DataError, match="No space left"):
+        run_generate(load_config(small_config(tmp_path), ["seed=9"]), out, overwrite=True,
+                     progress=False)
+    monkeypatch.undo()
+    assert content_hash(out) == before
+    run_generate(load_config(small_config(tmp_path), ["seed=9"]), out, overwrite=True,
+                 progress=False)  # a later --overwrite succeeds and leaves no temporary file
+    assert content_hash(out) != before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_resume_with_other_config_is_refused(tmp_path, monkeypatch):
     cfg = load_config(small_config(tmp_path))
     out = tmp_path / "t.h5"
@@ -125,6 +157,10 @@ def test_cli_generate_and_errors(tmp_path, capsys):
     assert main(["generate", str(cfg), "--out", str(tmp_path / "x.h5"),
                  "generator.name=nosuch"]) == 2
     assert "unknown generator 'nosuch'" in capsys.readouterr().err
+    assert main(["generate", str(cfg), "--out", str(tmp_path / "x.h5"),
+                 "generator.resolution=7"]) == 2
+    assert "generator.resolution must be an integer number of pixels in [16, 1024], got 7" in \
+        capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -203,6 +239,18 @@ def test_two_processes_write_shards_equal_to_one_process(tmp_path):
     shard.rename(tmp_path / "moved.h5")
     with pytest.raises(DataError, match="shard file .* is missing"):
         open_store(out)
+    (tmp_path / "moved.h5").rename(shard)
+    # --overwrite under two processes: new shards written beside, then swapped in
+    other = run_generate(load_config(cfg_path, ["seed=4"]), tmp_path / "other.h5", progress=False)
+    run = subprocess.run(cmd + ["--overwrite", "seed=4"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert content_hash(out) == content_hash(other)
+    assert open_store(out, verify=True).attrs["num_shards"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # ... and by one process: one file, the old shards gone
+    run_generate(load_config(cfg_path), out, overwrite=True, progress=False)
+    assert content_hash(out) == content_hash(ref) and not (tmp_path / "dist.h5.shards").exists()
 
 
 def test_real_procedural_generator_if_available(tmp_path):

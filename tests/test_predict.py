@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -170,6 +171,7 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     badvid = tmp_path / "broken.mp4"
     badvid.write_bytes(b"not a video")
     assert "broken.mp4" in err([str(model_dir), str(badvid), "--out", out])
+    assert not (tmp_path / "o").exists()  # no empty out/ or annotated/ left by failed runs
     assert "nothing.jpg: no such file" in err([str(model_dir), str(tmp_path / "nothing.jpg"),
                                                "--out", out])
     (tmp_path / "x.xyz").write_text("?")
@@ -198,3 +200,20 @@ def test_crop_preset_comes_from_the_training_data():
         "hopenet_train", "stretch", "model")
     m.training_summary = {"train_data": {"generator": "procedural"}}
     assert wrap_head_pose_model(m).crop_preset == "none"
+
+
+def test_cli_video_error_is_the_only_line_on_stderr(model_dir, tmp_path):
+    """FFmpeg's own log line ("moov atom not found") is written by C code to the process's
+    stderr: checked in a fresh process, where the backend is first initialised."""
+    import subprocess
+    import sys
+
+    badvid = tmp_path / "broken.mp4"
+    badvid.write_bytes(b"not a video")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "clerf", "predict", str(model_dir), str(badvid),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "broken.mp4: cannot open" in proc.stderr, proc.stderr

@@ -105,17 +105,17 @@ def test_preview_renders_given_rotations(tmp_path) -> None:
 @pytest.mark.parametrize(
     "argv,code,message",
     [
-        (["--generator", "nope"], 1, "unknown generator 'nope'"),
+        (["--generator", "nope"], 2, "unknown generator 'nope'"),
         (["--resolution", "8"], 2, "--resolution: resolution must be an integer"),
         (["--resolution", "2048"], 2, "in [16, 1024], got 2048"),
         (["--n", "0"], 2, "--n must be in 1..1024"),
         (["--param", "oops"], 2, "not of the form KEY=VALUE"),
-        (["--param", "colour=red"], 1, "bad parameters"),
-        (["--generator", "eg3d"], 1, "no network pickle given"),
-        (["--generator", "eg3d", "--network", "x.pkl"], 1, "refusing to load 'x.pkl'"),
-        (["--generator", "eg3d", "--network", "x.pkl", "--trust-pickle"], 1, "no checkout given"),
+        (["--param", "colour=red"], 2, "bad parameters"),
+        (["--generator", "eg3d"], 2, "no network pickle given"),
+        (["--generator", "eg3d", "--network", "x.pkl"], 2, "refusing to load 'x.pkl'"),
+        (["--generator", "eg3d", "--network", "x.pkl", "--trust-pickle"], 2, "no checkout given"),
         (["--generator", "panohead", "--network", "x.pkl", "--trust-pickle", "--checkout",
-          "/nonexistent/eg3d"], 1, "checkout folder not found: /nonexistent/eg3d"),
+          "/nonexistent/eg3d"], 2, "checkout folder not found: /nonexistent/eg3d"),
     ],
 )  # fmt: skip
 def test_preview_errors_are_one_line(tmp_path, capsys, argv, code, message) -> None:
@@ -142,3 +142,18 @@ def test_preview_errors_for_files(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert "must be an integer number of pixels in [16, 1024], got 'abc'" in err
     assert len(err.splitlines()) == 1
+
+
+def test_untrusted_pickle_has_one_exit_code_in_every_command(tmp_path, capsys) -> None:
+    from tests.test_triplets_helpers import small_config
+
+    pkl = tmp_path / "G.pkl"
+    pkl.write_bytes(b"never unpickled")
+    codes = [
+        main(["preview", "--out", str(tmp_path / "g.png"), "--generator", "eg3d",
+              "--network", str(pkl)]),
+        main(["generate", str(small_config(tmp_path)), "--out", str(tmp_path / "t.h5"),
+              "--no-progress", "generator.name=eg3d", f"generator.params.network={pkl}"]),
+    ]  # fmt: skip
+    errs = capsys.readouterr().err.splitlines()
+    assert codes == [2, 2] and len(errs) == 2 and all("refusing to load" in e for e in errs)

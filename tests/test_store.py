@@ -130,6 +130,23 @@ def test_existing_files_policy_and_fingerprint(tmp_path):
     _write(p, overwrite=True)
 
 
+def test_overwrite_replaces_only_when_complete(tmp_path):
+    p = tmp_path / "s.h5"
+    _write(p)
+    before = content_hash(p)
+    w = StoreWriter(p, "triplets", RES, 30, chunk=6, fingerprint={"k": 2}, overwrite=True)
+    imgs, rots, ids = _data(30, seed=5)
+    a, b = w.pending()[0]
+    w.write_chunk(a, imgs[a:b], rots[a:b], ids[a:b])
+    w.close()  # a failure or kill before finalize: the old store is intact
+    assert store_state(p) == "complete" and content_hash(p) == before
+    w = StoreWriter(p, "triplets", RES, 30, chunk=6, fingerprint={"k": 2}, overwrite=True)
+    for a, b in w.pending():
+        w.write_chunk(a, imgs[a:b], rots[a:b], ids[a:b])
+    assert w.finalize() == p and content_hash(p) != before
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["s.h5"]
+
+
 def test_resumed_equals_uninterrupted(tmp_path):
     _write(tmp_path / "a.h5")
     _write(tmp_path / "b.h5", upto=3)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from clerf.config import load_config
-from clerf.errors import ConfigError
+from clerf.errors import ConfigError, DataError
 from clerf.training import StepContext, Task, find_checkpoints, fit, lr_lambda
 
 
@@ -128,6 +128,10 @@ def test_resume_with_another_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"different config \(keys: pretrain.train.lr\)"):
         fit(ToyTask(), _cfg("pretrain.train.epochs=1", "pretrain.train.lr=0.1"), tmp_path,
             section="pretrain")  # fmt: skip
+    # a display-only setting never blocks a resume
+    again = fit(ToyTask(), _cfg("pretrain.train.epochs=1", "pretrain.train.progress=true"),
+                tmp_path, section="pretrain")  # fmt: skip
+    assert again["resumed_from"] == 8
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
@@ -212,3 +216,78 @@ def test_skip_does_not_read_skipped_batches_of_a_batch_sampler_loader():
     assert got == [[4, 5]] and reads == [[4, 5]]
     plain = torch.utils.data.DataLoader(list(range(6)), batch_size=2)
     assert [b.tolist() for b in _skip(plain, 1)] == [[2, 3], [4, 5]]
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: stands for any code a tampered checkpoint could run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_resume_never_unpickles_a_checkpoint(tmp_path):
+    import pickle
+
+    cfg = _cfg("pretrain.train.epochs=1")
+    fit(ToyTask(), cfg, tmp_path, section="pretrain")
+    ckpt = find_checkpoints(tmp_path)[-1]
+    marker = tmp_path / "payload_ran"
+    # Files accelerate's load_state unpickles: a checkpoint shared by others may hold them.
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl"):
+        (ckpt / name).write_bytes(pickle.dumps(_Payload(marker)))
+    again = fit(ToyTask(), _cfg("pretrain.train.epochs=2"), tmp_path, section="pretrain")
+    assert not marker.exists()
+    assert again["resumed_from"] == 8 and again["steps"] == 16
+
+    # A payload in a file the resume does read: refused in one line naming it, nothing run.
+    ckpt = find_checkpoints(tmp_path)[-1]
+    for name in ("optimizer.bin", "scheduler.bin", "rng_state_0.bin"):
+        good = (ckpt / name).read_bytes()
+        torch.save({"x": _Payload(marker)}, ckpt / name)
+        with pytest.raises(DataError, match=rf"{name}: not a readable clerf checkpoint file.*"
+                                            r"give a new --out"):  # fmt: skip
+            fit(ToyTask(), _cfg("pretrain.train.epochs=3"), tmp_path, section="pretrain")
+        assert not marker.exists()
+        (ckpt / name).write_bytes(good)
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "model.safetensors", "loop_state.json"])
+def test_truncated_or_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, name):
+    fit(ToyTask(), _cfg("pretrain.train.epochs=1"), tmp_path, section="pretrain")
+    path = find_checkpoints(tmp_path)[-1] / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(DataError) as info:
+        fit(ToyTask(), _cfg("pretrain.train.epochs=2"), tmp_path, section="pretrain")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(str(path)) and "earlier checkpoint" in msg
+
+
+def test_checkpoint_of_an_older_format_is_refused_not_unpickled(tmp_path):
+    fit(ToyTask(), _cfg("pretrain.train.epochs=1"), tmp_path, section="pretrain")
+    loop = find_checkpoints(tmp_path)[-1] / "loop_state.json"
+    state = json.loads(loop.read_text())
+    del state["format"]
+    loop.write_text(json.dumps(state))
+    with pytest.raises(DataError, match="older clerf checkpoints hold pickles"):
+        fit(ToyTask(), _cfg("pretrain.train.epochs=2"), tmp_path, section="pretrain")
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from clerf.training import _rng_state, _set_rng_state
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)  # noqa: NPY002
+    torch.save(_rng_state(), tmp_path / "rng.bin")
+    first = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    _set_rng_state(torch.load(tmp_path / "rng.bin", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2]

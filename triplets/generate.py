@@ -14,6 +14,7 @@ Resumable in both cases (``resume=True`` continues partial files, chunk by chunk
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from clerf.config import provenance, to_dict
 from clerf.errors import ConfigError, DataError
 from generators import PoseGenerator, build_generator
+from generators.base import check_resolution
 from triplets.poses import PoseSampler, build_pose_sampler
 from triplets.rules import TripletRule, TripletSampler
 from triplets.store import COMPRESSIONS, StoreWriter, store_state, write_entry_file
@@ -54,8 +56,10 @@ def _check_config(cfg: DictConfig) -> None:
     problems = []
     if t.count <= 0:
         problems.append(f"triplets.count must be positive, got {t.count}")
-    if g.resolution <= 0:
-        problems.append(f"generator.resolution must be positive, got {g.resolution}")
+    try:
+        check_resolution(g.resolution)
+    except ValueError as exc:
+        problems.append(f"generator.{exc}")
     if s.chunk_images <= 0 or s.chunk_images % 3:
         problems.append(
             f"store.chunk_images must be a positive multiple of 3 for a triplet store (a "
@@ -135,7 +139,9 @@ def run_generate(
             ``triplets``, ``store`` sections).
         out: the ``.h5`` file (the entry file under several processes).
         resume: continue a partial file (an error if the partial file came from another config).
-        overwrite: replace an existing file (and its shards).
+        overwrite: replace an existing file (and its shards): the generator and sampler are
+            built first, the new store is written beside the old one (``.NAME.overwrite.h5``)
+            and replaces it only once complete, so a failure leaves the old store as it was.
         progress: show a progress bar (images/s, ETA) on the main process.
 
     Raises:
@@ -150,7 +156,7 @@ def run_generate(
         raise ConfigError("--resume and --overwrite exclude each other")
     _check_config(cfg)
     state = _process_state(PartialState, cfg.generator.device)
-    world, rank = state.num_processes, state.process_index
+    world = state.num_processes
     sdir = shard_dir(out)
 
     current = store_state(out)
@@ -176,13 +182,8 @@ def run_generate(
                 f"{sdir} holds shards of a run with a different number of processes "
                 f"({foreign[0].name}); use that many processes, or --overwrite"
             )
-    if overwrite and state.is_main_process:
-        if out.exists():
-            out.unlink()
-        if sdir.is_dir():
-            shutil.rmtree(sdir)
-    state.wait_for_everyone()
-
+    # Everything that can refuse the config (generator, its weights' trust, sampler) is built
+    # before anything on disk is touched: a failed --overwrite leaves the old store as it was.
     g = cfg.generator
     device = _device(g.device, state)
     try:
@@ -191,6 +192,52 @@ def run_generate(
     except ValueError as exc:
         raise ConfigError(f"generator: {exc}") from exc
     sampler = build_triplet_sampler(cfg, accept=generator.reachable)
+    if overwrite and (out.exists() or sdir.exists()):
+        # Written beside the old store, which is replaced only once the new one is complete.
+        tmp = out.with_name(f".{out.stem}.overwrite{out.suffix}")
+        nonempty, entry_attrs = _write(cfg, tmp, state, generator, sampler, device, progress,
+                                       resume=False, overwrite=True, shown=out.name)
+        if state.is_main_process:
+            _install(tmp, out, nonempty, entry_attrs)
+        state.wait_for_everyone()
+        return out
+    _write(cfg, out, state, generator, sampler, device, progress, resume=resume,
+           overwrite=overwrite, shown=out.name)
+    return out
+
+
+def _install(tmp: Path, out: Path, nonempty: list[Path], entry_attrs: dict[str, Any]) -> None:
+    """Replace the store ``out`` (file and shards) by the complete store written at ``tmp``."""
+    sdir, new_sdir = shard_dir(out), shard_dir(tmp)
+    old_sdir = out.parent / f".{sdir.name}.old"
+    if old_sdir.exists():
+        shutil.rmtree(old_sdir)
+    if not nonempty:  # one file
+        os.replace(tmp, out)
+        if sdir.exists():
+            shutil.rmtree(sdir)
+        return
+    if sdir.exists():
+        os.replace(sdir, old_sdir)
+    os.replace(new_sdir, sdir)
+    write_entry_file(out, [sdir / p.name for p in nonempty], entry_attrs)
+    tmp.unlink(missing_ok=True)
+    shutil.rmtree(old_sdir, ignore_errors=True)
+
+
+def _write(cfg: DictConfig, out: Path, state: Any, generator: Any, sampler: TripletSampler,
+           device: torch.device, progress: bool, resume: bool, overwrite: bool,
+           shown: str) -> tuple[list[Path], dict[str, Any]]:  # fmt: skip
+    """Render into the store ``out``; return the shard files and entry attributes (sharded)."""
+    world, rank = state.num_processes, state.process_index
+    sdir = shard_dir(out)
+    g = cfg.generator
+    if overwrite and state.is_main_process:
+        if out.exists():
+            out.unlink()
+        if sdir.is_dir():
+            shutil.rmtree(sdir)
+    state.wait_for_everyone()
 
     total = 3 * int(cfg.triplets.count)
     chunk = int(cfg.store.chunk_images)
@@ -208,7 +255,7 @@ def run_generate(
         compression_level=int(cfg.store.compression_level), chunk=chunk,
         fingerprint=_fingerprint(cfg), resume=resume,
     )
-    desc = f"generate {out.name}" + (f" [rank 0 of {world}]" if world > 1 else "")
+    desc = f"generate {shown}" + (f" [rank 0 of {world}]" if world > 1 else "")
     if world == 1:
         writer = StoreWriter(out, "triplets", total=total, attrs=attrs, overwrite=overwrite,
                              **common)
@@ -216,7 +263,7 @@ def run_generate(
             _fill(writer, 0, generator, sampler, int(g.resolution), progress, desc)
             writer.set_attrs(num_shards=1)
             writer.finalize()
-        return out
+        return [], {}
 
     lo, hi = shard_ranges(total, chunk, world)[rank]
     paths = [sdir / f"shard-{r:05d}-of-{world:05d}.h5" for r in range(world)]
@@ -226,17 +273,18 @@ def run_generate(
         _check_complete_shard(paths[rank], common["fingerprint"])
     elif hi > lo:
         shard_attrs = dict(attrs, shard_index=rank, shard_start=lo, shard_stop=hi,
-                           entry_file=out.name, entry_kind="triplets")
+                           entry_file=shown, entry_kind="triplets")
         writer = StoreWriter(paths[rank], "shard", total=hi - lo, attrs=shard_attrs, **common)
         with writer:
             _fill(writer, lo, generator, sampler, int(g.resolution),
                   progress and state.is_main_process, desc)
             writer.finalize()
     state.wait_for_everyone()
+    entry_attrs = {"kind": "triplets", "num_shards": len(nonempty)}
     if state.is_main_process:
-        write_entry_file(out, nonempty, {"kind": "triplets", "num_shards": len(nonempty)})
+        write_entry_file(out, nonempty, entry_attrs)
     state.wait_for_everyone()
-    return out
+    return nonempty, entry_attrs
 
 
 def _check_complete_shard(path: Path, fingerprint: dict[str, Any]) -> None:

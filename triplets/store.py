@@ -231,6 +231,12 @@ class StoreWriter:
         self.extra = dict(extra or {})
         self.fingerprint = _json(fingerprint)
         self._file: h5py.File | None = None
+        # Overwriting writes a sibling file that replaces the old store in finalize(): a run
+        # that fails or is killed before then leaves the old store as it was.
+        self._write_path = self.path
+        if overwrite and self.path.exists():
+            self._write_path = self.path.with_name(f".{self.path.stem}.overwrite{self.path.suffix}")
+        self.overwriting = self._write_path != self.path
 
         if self.path.exists() and not overwrite:
             state = store_state(self.path)
@@ -267,11 +273,11 @@ class StoreWriter:
         try:
             with h5py.File(tmp, "w") as f:
                 self._build(f, attrs, compression, level, triplets)
-            os.replace(tmp, self.path)
+            os.replace(tmp, self._write_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self._file = h5py.File(self.path, "r+")
+        self._file = h5py.File(self._write_path, "r+")
 
     def _build(self, f, attrs, compression, level, triplets) -> None:
         n, c, r = self.total, min(self.chunk, self.total), self.resolution
@@ -452,6 +458,11 @@ class StoreWriter:
             f.flush()  # ... then the progress record that says it is there
         except OSError as exc:
             self.close()
+            if self.overwriting:
+                raise DataError(
+                    f"writing images {start}-{stop} of {self.path} failed ({exc}); the existing "
+                    "store is unchanged: fix the cause and rerun with --overwrite"
+                ) from exc
             raise DataError(
                 f"writing images {start}-{stop} of {self.path} failed ({exc}); the file keeps "
                 "its committed chunks: fix the cause and rerun with --resume"
@@ -489,6 +500,8 @@ class StoreWriter:
         f.attrs["complete"] = True
         f.flush()
         self.close()
+        if self.overwriting:
+            os.replace(self._write_path, self.path)
         return self.path
 
     def close(self) -> None:
@@ -815,10 +828,53 @@ def open_store(
             state = store_state(sp)
             if state != "complete":
                 raise DataError(f"{p}: shard file {sp} is {state}; the store cannot be read")
+        if a.get("complete"):
+            check_labels(f, p, layout)
     store = Store(p, a, layout)
     if verify:
         verify_store(store)
     return store
+
+
+#: rows of labels checked at a time when a store is opened
+_CHECK_BLOCK = 1 << 16
+
+
+def check_labels(f: h5py.File, path: Path, layout: str = "") -> None:
+    """Refuse labels no reader should use: every rotation finite, orthonormal, ``det = +1``
+    (:func:`clerf.geometry.first_non_rotation`), every triplet index inside the store, an
+    ``interleaved`` layout really interleaved. Vectorised, by blocks (36 bytes an image).
+
+    Raises:
+        DataError: naming the store, the dataset and the first bad row.
+    """
+    from clerf.geometry import first_non_rotation
+
+    rots = f["rotations"]
+    n = rots.shape[0]
+    for a in range(0, n, _CHECK_BLOCK):
+        found = first_non_rotation(torch.from_numpy(rots[a:a + _CHECK_BLOCK].astype(np.float64)))
+        if found is not None:
+            raise DataError(f"{path}: dataset 'rotations' row {a + found[0][0]} is {found[1]}; "
+                            "the store's labels are damaged, regenerate or re-prepare it")
+    if "triplets" not in f:
+        return
+    table = f["triplets"]
+    for a in range(0, table.shape[0], _CHECK_BLOCK):
+        t = table[a:a + _CHECK_BLOCK]
+        bad = np.nonzero(((t < 0) | (t >= n)).any(axis=1))[0]
+        if len(bad):
+            row = t[bad[0]].tolist()
+            raise DataError(f"{path}: dataset 'triplets' row {a + int(bad[0])} is {row}, "
+                            f"outside the {n} images [0, {n})")
+        if layout == "interleaved":
+            want = np.arange(3 * a, 3 * (a + len(t)), dtype=np.int64).reshape(-1, 3)
+            diff = np.nonzero((t != want).any(axis=1))[0]
+            if len(diff):
+                raise DataError(f"{path}: dataset 'triplets' row {a + int(diff[0])} is "
+                                f"{t[diff[0]].tolist()}, but the store says its layout is "
+                                "interleaved (expected "
+                                f"{want[diff[0]].tolist()})")  # fmt: skip
 
 
 def verify_store(store: Store) -> int:

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from clerf.drawing import draw_axes, image_grid, pose_caption, save_png
-    from clerf.errors import UsageError
+    from clerf.errors import ClerfError, UsageError
     from clerf.geometry import random_rotation, sample_euler_box
     from generators import build_generator
     from generators.base import check_resolution
@@ -115,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
     from clerf.devices import resolve_device
 
     device = resolve_device(args.device, "--device")
-    gen = build_generator(args.generator, seed=args.seed, device=device, **params)
+    try:
+        gen = build_generator(args.generator, seed=args.seed, device=device, **params)
+    except ClerfError:
+        raise
+    except ValueError as exc:  # the generator refused its flags: a usage error, as in generate
+        raise UsageError(f"generator: {exc}") from exc
 
     rng = torch.Generator().manual_seed(args.seed)
     if args.rotations is not None:

@@ -37,14 +37,20 @@ def run(args: argparse.Namespace) -> int:
     check_resume_overwrite(args)
     cfg = load_config(args.config, args.overrides)
     bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
 
-        bar = tqdm(unit="triplet", desc="real-anchor", file=sys.stderr)
+    def progress(n: int) -> None:
+        # The bar appears with the first rendered chunk, after every input has been checked.
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(unit="triplet", desc="real-anchor", file=sys.stderr)
+        bar.update(n)
+
     try:
         res = run_real_anchor(
             cfg, args.real_store, args.out, resume=args.resume, overwrite=args.overwrite,
-            progress=(lambda n: bar.update(n)) if bar is not None else None,
+            progress=None if args.no_progress else progress,
         )  # fmt: skip
     finally:
         if bar is not None:

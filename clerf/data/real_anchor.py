@@ -105,8 +105,8 @@ def run_real_anchor(
         raise DataError(f"{out} already exists and is complete; use --overwrite to replace it")
     if state not in ("missing", "complete") and not overwrite:
         raise DataError(f"{out} exists but is not a usable store ({state}); use --overwrite")
-    if overwrite:
-        out.unlink(missing_ok=True)
+    # With overwrite, the old entry file stays until the new one replaces it (_write_entry),
+    # and the rendered store is replaced only once complete (StoreWriter): a failure loses nothing.
 
     t = cfg.triplets
     try:

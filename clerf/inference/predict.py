@@ -268,9 +268,7 @@ def run_predict(
         raise DataError(f"--out: {out} exists and is not a directory")
     predictor = FacePredictor(model, detector, crop_preset, mapping)
     names = _unique_names([p for p, _ in items])
-    out.mkdir(parents=True, exist_ok=True)
-    if annotate_outputs:
-        (out / "annotated").mkdir(exist_ok=True)
+    # Folders appear with the first file written into them: a failed run leaves none behind.
     faces: list[FacePose] = []
     records = []
     for (path, kind), name in zip(items, names, strict=True):
@@ -281,6 +279,7 @@ def run_predict(
             rec["size"] = [int(image.shape[1]), int(image.shape[0])]
             if annotate_outputs:
                 target = out / "annotated" / f"{name}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
                 save_png(target, annotate(image, found))
                 rec["annotated"] = str(target)
         else:
@@ -300,5 +299,6 @@ def run_predict(
               "conventions": "rotation rows = head axes (right, up, nose) in camera coordinates "
                              "(x right, y up, z toward the viewer); pitch, yaw, roll in degrees, "
                              "R = Rz(roll) @ Ry(yaw) @ Rx(pitch)"}
+    out.mkdir(parents=True, exist_ok=True)
     _write_outputs(out, record, faces)
     return record

@@ -79,6 +79,7 @@ def predict_video(
                 if writer is None:
                     tmp = Path(out_video).with_name(f".{Path(out_video).stem}.tmp{os.getpid()}.mp4")
                     h, w = frame.shape[:2]
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
                     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"),
                                              _fps(path), (w, h))
                     if not writer.isOpened():
