@@ -560,6 +560,34 @@ def save_resolved(cfg: DictConfig, directory: str | Path, filename: str = "confi
     return out
 
 
+#: keys that change how a run looks, not what it computes: never a reason to redo a stage
+DISPLAY_KEYS = frozenset({"progress", "log_every", "tensorboard"})
+
+
+def config_differences(old: Any, new: Any, ignore: frozenset[str] | set[str] = frozenset(),
+                       prefix: str = "") -> list[tuple[str, Any, Any]]:  # fmt: skip
+    """Every dotted key whose value differs between two nested dicts: ``(key, old, new)``,
+    sorted by key. A key missing on one side counts as ``None``; dict keys named in ``ignore``
+    are skipped at any depth. The one config comparison of clerf (resume, pipeline stages,
+    store fingerprints)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for k in sorted((set(old) | set(new)) - set(ignore), key=str):
+            out += config_differences(old.get(k), new.get(k), ignore, f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def first_difference(old: Any, new: Any, ignore: frozenset[str] | set[str] = frozenset()
+                     ) -> str | None:  # fmt: skip
+    """The first differing key with both values (``"key: old then, new now"``), or None."""
+    diffs = config_differences(old, new, ignore)
+    if not diffs:
+        return None
+    key, a, b = diffs[0]
+    return f"{key}: {a!r} then, {b!r} now"
+
+
 def provenance(cfg: DictConfig | None = None, **extra: Any) -> dict[str, Any]:
     """What made an artefact: clerf and conventions versions, seed, resolved config, time.
 

@@ -28,10 +28,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from clerf.config import ExperimentConfig, save_resolved, to_dict
+from clerf.config import DISPLAY_KEYS, ExperimentConfig, first_difference, save_resolved, to_dict
 from clerf.errors import ConfigError, DataError
 
-__all__ = ["STAGES", "run_pipeline", "stage_configs", "first_difference"]
+__all__ = ["STAGES", "run_pipeline", "stage_configs"]
 
 STAGES = ("generate", "pretrain", "finetune", "evaluate")
 
@@ -43,24 +43,6 @@ def _derive(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
         OmegaConf.update(merged, key, value, merge=False)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]
-
-
-#: keys that change how a run looks, not what it computes: never a reason to redo a stage
-RUN_ONLY_KEYS = frozenset({"progress", "log_every", "tensorboard"})
-
-
-def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    """The first dotted key whose value differs between two nested dicts, with both values.
-
-    Keys in :data:`RUN_ONLY_KEYS` are ignored.
-    """
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted((set(old) | set(new)) - RUN_ONLY_KEYS):
-            hit = first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
-            if hit:
-                return hit
-        return None
-    return None if old == new else f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"
 
 
 def needs_train_store(cfg: DictConfig) -> bool:
@@ -145,7 +127,8 @@ def _training_state(stage_cfg: DictConfig, directory: Path, artefact: str, name:
     if stage_cfg[name].stream.enabled:  # the data come from these sections, not from a store
         keys = (*keys, "generator", "triplets")
     old = {k: v for k, v in to_dict(OmegaConf.load(saved)).items() if k in keys}
-    diff = first_difference(old, {k: v for k, v in to_dict(stage_cfg).items() if k in keys})
+    diff = first_difference(old, {k: v for k, v in to_dict(stage_cfg).items() if k in keys},
+                            DISPLAY_KEYS)
     if diff:
         raise DataError(
             f"{directory} was made from another config ({diff}); remove it or choose another --out"
@@ -245,7 +228,7 @@ def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
     report_file = directory / "report.json"
     marker = directory / "pipeline_config.yaml"
     if report_file.exists() and marker.exists():
-        diff = first_difference(to_dict(OmegaConf.load(marker)), to_dict(cfg))
+        diff = first_difference(to_dict(OmegaConf.load(marker)), to_dict(cfg), DISPLAY_KEYS)
         if diff is None and report_file.stat().st_mtime >= (model / "config.json").stat().st_mtime:
             log(f"[evaluate] {report_file} is complete: skipped")
             return json.loads(report_file.read_text())

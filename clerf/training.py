@@ -62,7 +62,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from clerf.config import provenance, save_resolved, to_dict
+from clerf.config import config_differences, provenance, save_resolved, to_dict
 from clerf.errors import ConfigError, DataError, TrainingDiverged
 
 __all__ = [
@@ -571,22 +571,13 @@ def _check_resume_config(out: Path, cfg: DictConfig, section: str) -> None:
     for key in RESUME_MAY_CHANGE:
         for d in (old, new):
             d.get(section, {}).get("train", {}).pop(key, None)
-    diffs = sorted(_diff_keys(old, new))
+    diffs = [key for key, _, _ in config_differences(old, new)]
     if diffs:
         shown = ", ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
         raise ConfigError(
             f"{out} holds a run with a different config (keys: {shown}); "
             "resume with the same config, or give a new --out"
         )
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff_keys(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str, Any]:

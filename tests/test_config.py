@@ -119,3 +119,15 @@ def test_base_files_are_merged_under_the_file(tmp_path):
 def test_empty_store_overrides_mean_none():
     cfg = load_config(None, ["pretrain.val_store=", "finetune.encoder="])
     assert cfg.pretrain.val_store is None and cfg.finetune.encoder is None
+
+
+def test_first_difference_names_the_key_and_ignores_display_keys():
+    from clerf.config import DISPLAY_KEYS, config_differences, first_difference
+
+    a = {"x": {"lr": 1.0, "progress": True}, "seed": 0}
+    assert first_difference(a, {"x": {"lr": 1.0, "progress": False}, "seed": 0},
+                            DISPLAY_KEYS) is None
+    assert config_differences(a, {"x": {"lr": 1.0, "progress": False}, "seed": 0}) == \
+        [("x.progress", True, False)]  # only ignored when asked
+    assert first_difference(a, {"x": {"lr": 2.0, "progress": True}, "seed": 0}, DISPLAY_KEYS) == \
+        "x.lr: 1.0 then, 2.0 now"

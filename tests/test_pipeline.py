@@ -6,7 +6,7 @@ import pytest
 
 from clerf.cli import main
 from clerf.config import load_config
-from clerf.pipeline import first_difference, run_pipeline, stage_configs
+from clerf.pipeline import run_pipeline, stage_configs
 
 # A seconds-scale pipeline: 32 px images, a handful of steps per stage.
 TINY = [
@@ -108,13 +108,6 @@ def test_stage_configs_connect_the_paths(tmp_path):
     assert no_pre["finetune"].finetune.encoder is None  # a fresh encoder
     shared = stage_configs(_cfg(f"pipeline.data_dir={tmp_path / 'shared'}"), tmp_path)
     assert shared["train_store"] == tmp_path / "shared" / "train.h5"
-
-
-def test_first_difference_names_the_key_and_ignores_run_only_keys():
-    a = {"x": {"lr": 1.0, "progress": True}, "seed": 0}
-    assert first_difference(a, {"x": {"lr": 1.0, "progress": False}, "seed": 0}) is None
-    assert first_difference(a, {"x": {"lr": 2.0, "progress": True}, "seed": 0}) == \
-        "x.lr: 1.0 then, 2.0 now"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

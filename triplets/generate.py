@@ -30,7 +30,14 @@ from generators import PoseGenerator, build_generator
 from generators.base import check_resolution
 from triplets.poses import PoseSampler, build_pose_sampler
 from triplets.rules import TripletRule, TripletSampler
-from triplets.store import COMPRESSIONS, StoreWriter, store_state, write_entry_file
+from triplets.store import (
+    COMPRESSIONS,
+    StoreWriter,
+    canonical_json,
+    fingerprint_difference,
+    store_state,
+    write_entry_file,
+)
 
 __all__ = ["run_generate", "build_triplet_sampler", "shard_ranges", "shard_dir"]
 
@@ -350,8 +357,6 @@ def generated_state(cfg: DictConfig, out: str | Path) -> str:
         DataError: ``out`` is complete or partial but was made from another config (names the
             first differing key), or is not a usable store.
     """
-    from triplets.store import _diff, _json
-
     state = store_state(out)
     if state == "missing":
         return state
@@ -359,10 +364,10 @@ def generated_state(cfg: DictConfig, out: str | Path) -> str:
         raise DataError(f"{out} exists and is {state}; remove it or choose another --out")
     with h5py.File(out, "r") as f:
         have = f.attrs.get("fingerprint")
-    want = _json(_fingerprint(cfg))
+    want = canonical_json(_fingerprint(cfg))
     if have != want:
         raise DataError(
-            f"{out} was generated from another config ({_diff(have, want)}); remove it or "
-            "choose another --out"
+            f"{out} was generated from another config ({fingerprint_difference(have, want)}); "
+            "remove it or choose another --out"
         )
     return state

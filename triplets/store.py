@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from clerf.config import first_difference
 from clerf.errors import DataError
 from clerf.versions import CONVENTIONS_VERSION, __version__
 
@@ -92,7 +93,7 @@ def _mkstemp_beside(path: Path) -> str:
     return tmp
 
 
-def _json(value: Any) -> str:
+def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -100,7 +101,7 @@ def _attr_value(value: Any) -> Any:
     """Attributes are scalars or strings; anything else is stored as JSON text."""
     if isinstance(value, bool | int | float | str | np.integer | np.floating):
         return value
-    return _json(value)
+    return canonical_json(value)
 
 
 def _read_attrs(f: h5py.File) -> dict[str, Any]:
@@ -229,7 +230,7 @@ class StoreWriter:
         self.chunk = int(chunk)
         self.num_chunks = -(-self.total // self.chunk)
         self.extra = dict(extra or {})
-        self.fingerprint = _json(fingerprint)
+        self.fingerprint = canonical_json(fingerprint)
         self._file: h5py.File | None = None
         # Overwriting writes a sibling file that replaces the old store in finalize(): a run
         # that fails or is killed before then leaves the old store as it was.
@@ -324,7 +325,7 @@ class StoreWriter:
         a["angle_units"] = "deg"
         a["conventions_version"] = CONVENTIONS_VERSION
         a["clerf_version"] = __version__
-        a["extra_datasets"] = _json(
+        a["extra_datasets"] = canonical_json(
             {k: [list(s.shape), str(np.dtype(s.dtype))] for k, s in self.extra.items()}
         )
         a["fingerprint"] = self.fingerprint
@@ -347,7 +348,7 @@ class StoreWriter:
             have = a.get(key)
             if have != want:
                 f.close()
-                what = (_diff(have, want) if key == "fingerprint"
+                what = (fingerprint_difference(have, want) if key == "fingerprint"
                         else f"{key}: {have!r} then, {want!r} now")
                 raise DataError(
                     f"{self.path} was started with a different configuration ({what}); "
@@ -519,23 +520,13 @@ class StoreWriter:
         self.close()
 
 
-def _diff(old_json: Any, new_json: str) -> str:
+def fingerprint_difference(old_json: Any, new_json: str) -> str:
     """First differing key between two fingerprints (JSON text), for error messages."""
     try:
         old, new = json.loads(old_json), json.loads(new_json)
     except (TypeError, ValueError):
         return "fingerprint differs"
-
-    def walk(a: Any, b: Any, prefix: str) -> str | None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                hit = walk(a.get(k), b.get(k), f"{prefix}{k}.")
-                if hit:
-                    return hit
-            return None
-        return None if a == b else f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
-
-    return walk(old, new, "") or "fingerprint differs"
+    return first_difference(old, new) or "fingerprint differs"
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -622,7 +613,8 @@ def write_entry_file(
             f.attrs["num_triplets"] = n // 3 if kind == "triplets" else 0
             f.attrs["triplet_layout"] = "interleaved" if kind == "triplets" else ""
             f.attrs["num_shards"] = len(infos)
-            f.attrs["shards"] = _json([os.path.relpath(sp, path.parent) for sp, _, _ in infos])
+            f.attrs["shards"] = canonical_json(
+                [os.path.relpath(sp, path.parent) for sp, _, _ in infos])
             f.attrs["complete"] = True
         os.replace(tmp, path)
     except BaseException:
