@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from clerf.config import config_differences, provenance, save_resolved, to_dict
 from clerf.errors import ConfigError, DataError, TrainingDiverged
+from clerf.files import write_text_atomic
 
 __all__ = [
     "Task",
@@ -824,9 +825,7 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     }
     if accelerator.is_main_process:
         task.save_artifacts(accelerator.unwrap_model(model), out, summary)
-        tmp = out / f".summary.json.tmp{os.getpid()}"  # replaced whole, never half-written
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, out / "summary.json")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clerf.config import first_difference
 from clerf.errors import DataError
+from clerf.files import temp_path_beside
 from clerf.versions import CONVENTIONS_VERSION, __version__
 
 __all__ = [
@@ -81,16 +81,6 @@ class ExtraSpec:
 
     shape: tuple[int, ...] = ()
     dtype: Any = np.float32
-
-
-def _mkstemp_beside(path: Path) -> str:
-    """A temporary file next to ``path`` with the permissions a normal ``open`` would give."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".creating", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-    return tmp
 
 
 def canonical_json(value: Any) -> str:
@@ -270,7 +260,7 @@ class StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Build the empty structure in a temporary file and move it into place, so a kill during
         # creation never leaves a half-made file under the final name.
-        tmp = _mkstemp_beside(self.path)
+        tmp = temp_path_beside(self.path)
         try:
             with h5py.File(tmp, "w") as f:
                 self._build(f, attrs, compression, level, triplets)
@@ -585,7 +575,7 @@ def write_entry_file(
         expect = int(a["shard_stop"])
     first = infos[0][1]
     kind = attrs["kind"]
-    tmp = _mkstemp_beside(path)
+    tmp = temp_path_beside(path)
     try:
         with h5py.File(tmp, "w") as f:
             for name, (shape, dtype) in infos[0][2].items():

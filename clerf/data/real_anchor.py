@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from omegaconf import DictConfig
 from clerf.config import provenance, to_dict
 from clerf.devices import resolve_device
 from clerf.errors import ConfigError, DataError
+from clerf.files import replacing
 from clerf.geometry import geodesic_distance
 
 __all__ = ["RealAnchorResult", "run_real_anchor", "rendered_path"]
@@ -264,37 +264,31 @@ def _write_entry(
     from triplets.store import SCHEMA_NAME, SCHEMA_VERSION
 
     n = n_real + n_rendered
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".creating", dir=out.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f, h5py.File(real) as fr, h5py.File(rendered) as fx:
-            for name in ("images", "rotations", "euler", "identities"):
-                a, b = fr[name], fx[name]
-                layout = h5py.VirtualLayout(shape=(n, *a.shape[1:]), dtype=a.dtype)
-                layout[:n_real] = h5py.VirtualSource(
-                    os.path.relpath(real, out.parent), name, shape=a.shape)
-                layout[n_real:] = h5py.VirtualSource(
-                    os.path.relpath(rendered, out.parent), name, shape=b.shape)
-                f.create_virtual_dataset(name, layout)
-            f["euler"].attrs["order"] = "pitch,yaw,roll"
-            f["euler"].attrs["units"] = "deg"
-            f.create_dataset("triplets", data=table.astype(np.int64))
-            f["triplets"].attrs["columns"] = "anchor,positive,negative"
-            meta = {
-                "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "kind": "triplets",
-                "resolution": int(res), "num_images": int(n), "num_triplets": len(table),
-                "triplet_layout": "table", "chunk_images": int(chunk),
-                "num_chunks": -(-n // chunk), "compression": str(fx.attrs["compression"]),
-                "euler_order": "pitch,yaw,roll", "angle_units": "deg",
-                "conventions_version": CONVENTIONS_VERSION, "clerf_version": __version__,
-                "anchor_source": "", "extra_datasets": "{}", "num_shards": 2,
-                "shards": json.dumps([os.path.relpath(real, out.parent),
-                                      os.path.relpath(rendered, out.parent)]),
-            }  # fmt: skip
-            for k, v in {**attrs, **meta}.items():
-                f.attrs[k] = v if isinstance(v, bool | int | float | str) else json.dumps(v)
-            f.attrs["complete"] = True
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(out) as tmp, h5py.File(tmp, "w") as f, h5py.File(real) as fr, \
+            h5py.File(rendered) as fx:
+        for name in ("images", "rotations", "euler", "identities"):
+            a, b = fr[name], fx[name]
+            layout = h5py.VirtualLayout(shape=(n, *a.shape[1:]), dtype=a.dtype)
+            layout[:n_real] = h5py.VirtualSource(
+                os.path.relpath(real, out.parent), name, shape=a.shape)
+            layout[n_real:] = h5py.VirtualSource(
+                os.path.relpath(rendered, out.parent), name, shape=b.shape)
+            f.create_virtual_dataset(name, layout)
+        f["euler"].attrs["order"] = "pitch,yaw,roll"
+        f["euler"].attrs["units"] = "deg"
+        f.create_dataset("triplets", data=table.astype(np.int64))
+        f["triplets"].attrs["columns"] = "anchor,positive,negative"
+        meta = {
+            "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "kind": "triplets",
+            "resolution": int(res), "num_images": int(n), "num_triplets": len(table),
+            "triplet_layout": "table", "chunk_images": int(chunk),
+            "num_chunks": -(-n // chunk), "compression": str(fx.attrs["compression"]),
+            "euler_order": "pitch,yaw,roll", "angle_units": "deg",
+            "conventions_version": CONVENTIONS_VERSION, "clerf_version": __version__,
+            "anchor_source": "", "extra_datasets": "{}", "num_shards": 2,
+            "shards": json.dumps([os.path.relpath(real, out.parent),
+                                  os.path.relpath(rendered, out.parent)]),
+        }  # fmt: skip
+        for k, v in {**attrs, **meta}.items():
+            f.attrs[k] = v if isinstance(v, bool | int | float | str) else json.dumps(v)
+        f.attrs["complete"] = True

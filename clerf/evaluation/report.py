@@ -29,13 +29,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clerf.evaluation.metrics import SampleErrors, binned_error, cumulative_curve, merge
+from clerf.files import replacing, write_text_atomic
 from clerf.geometry import PROTOCOL_MAX_ABS_ANGLE
 
 __all__ = ["write_report", "markdown_report", "write_figures", "write_samples_csv",
@@ -85,12 +85,6 @@ def published_comparison(data: dict[str, Any] | None) -> str:
     extra = f"; images resized as {inputs[resize]}" if resize in inputs else ""
     return f"stands beside {_PUBLISHED[name]}{extra}"
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    # Write then rename: an interrupted run never leaves a half-written report behind.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -190,8 +184,7 @@ def _comparable_table(report: dict[str, Any], protocol: str) -> list[str]:
 
 def write_samples_csv(path: Path, per_protocol: dict[str, dict[str, SampleErrors]]) -> None:
     """One row per protocol x view x sample."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as fh:
+    with replacing(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["protocol", "view", "index", "geodesic", "maev", "err_right", "err_up",
                     "err_nose", "yaw_err", "pitch_err", "roll_err", "yaw_true", "pitch_true",
@@ -204,7 +197,6 @@ def write_samples_csv(path: Path, per_protocol: dict[str, dict[str, SampleErrors
                         e.geodesic[i], e.maev[i], *e.axis[i], *e.euler_err[i], *e.euler_true[i],
                         *e.euler_pred[i])),
                         *("" if math.isnan(x) else f"{x:.6f}" for x in e.euler_dataset[i])])
-    os.replace(tmp, path)
 
 
 def _canvas(nrows: int, ncols: int, size: tuple[float, float]):
@@ -218,9 +210,8 @@ def _canvas(nrows: int, ncols: int, size: tuple[float, float]):
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with replacing(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def write_figures(
@@ -367,7 +358,7 @@ def write_report(
         for p in write_figures(report, samples, out):
             paths[p.stem] = p
     paths["markdown"] = out / "report.md"
-    _atomic_write(paths["markdown"], markdown_report(report))
+    write_text_atomic(paths["markdown"], markdown_report(report))
     paths["json"] = out / "report.json"
-    _atomic_write(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
     return paths

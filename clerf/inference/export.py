@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from clerf.errors import ClerfError
+from clerf.files import replacing
 from clerf.geometry import euler_from_rotation, wrap_degrees
 from clerf.inference.model import PoseModel
 
@@ -210,10 +210,9 @@ def export_onnx(
     module = PoseExportModule(model.to("cpu")).eval()
     s = model.input_size
     example = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(1))
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.onnx")
     errors: list[str] = []
     used = None
-    try:
+    with replacing(out, suffix=".onnx") as tmp:  # the .onnx file appears only when checked
         for name in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
             try:
                 (_export_dynamo if name == "dynamo" else _export_legacy)(module, example, tmp)
@@ -244,9 +243,5 @@ def export_onnx(
             "clerf.check": json.dumps(check),
         }
         _set_metadata(tmp, meta)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return {"path": str(out), "exporter": used, "opset": OPSET, "check": check,
             "fallback_errors": errors, "metadata": meta}
