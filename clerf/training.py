@@ -68,6 +68,7 @@ from clerf.files import write_text_atomic
 
 __all__ = [
     "Task",
+    "Trainer",
     "StepContext",
     "fit",
     "build_optimizer",
@@ -500,16 +501,6 @@ def _tensorboard_available() -> bool:
 # --------------------------------------------------------------------------- the loop
 
 
-def _move(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
-
-
 def _set_epoch(loader: Any, epoch: int) -> None:
     for obj in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
         if obj is not None and hasattr(obj, "set_epoch"):
@@ -599,237 +590,307 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
     Raises:
         ConfigError: bad ``train`` values, or ``out`` holds a run with another config.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    return Trainer(task, cfg, out, section).fit()
 
-    if section not in cfg or "train" not in cfg[section]:
-        raise ConfigError(f"training: config has no '{section}.train' section")
-    tc = cfg[section].train
-    _validate_train_cfg(tc, section)
-    out = Path(out)
 
-    trackers = ["tensorboard"] if (tc.tensorboard and _tensorboard_available()) else None
-    accelerator = Accelerator(
-        mixed_precision=str(tc.mixed_precision),
-        gradient_accumulation_steps=int(tc.grad_accum),
-        cpu=bool(tc.cpu),
-        log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tb")),
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=bool(tc.find_unused_parameters))
-        ],
-    )
-    # Every rank checks (and raises) before anything is written: an error on the main process
-    # alone would leave the other ranks waiting forever.
-    _check_resume_config(out, cfg, section)
-    set_seed(int(cfg.seed))
-    ctx = StepContext(accelerator=accelerator, cfg=cfg, train_cfg=tc, out=out)
+class _Window:
+    """Step metrics of one logging window, summed on the device: read back once per window."""
 
-    model = task.build_model()
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(task.param_groups(model, ctx), tc)
-    loader = task.train_loader(ctx)
-    try:
-        micro_per_epoch = len(loader)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise ConfigError(f"training: the {section} task's loader has no length") from exc
-    if micro_per_epoch < int(tc.grad_accum):
-        raise DataError(
-            f"{section}: {micro_per_epoch} batch(es) per epoch per process, fewer than "
-            f"train.grad_accum={tc.grad_accum}; use a smaller train.batch_size or more data"
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        # float64 where the device has it (exact enough to match a host-side sum)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.n = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+        self.paused = 0.0  # seconds of evaluation and checkpointing inside the window
+
+    def add(self, loss: Tensor, logs: Mapping[str, Any], images: int) -> None:
+        for k, v in (("loss", loss), *logs.items()):
+            if isinstance(v, Tensor):  # as a host-side float(v.float().mean()) would be
+                v = v.detach().float().mean().to(self.dtype)
+            else:
+                v = torch.tensor(float(v), dtype=self.dtype, device=self.device)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+        self.images += images
+
+    def means(self, accelerator) -> dict[str, float]:
+        keys = sorted(self.sums)
+        means = (torch.stack([self.sums[k] for k in keys]) / self.n).to(torch.float32)
+        means = accelerator.reduce(means.to(accelerator.device), reduction="mean")
+        return dict(zip(keys, means.tolist(), strict=True))
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0 - self.paused
+
+
+class Trainer:
+    """The loop behind :func:`fit`: set-up, resume, epochs, logging windows, checkpoints and
+    the finish. One instance per run; :meth:`fit` runs it."""
+
+    def __init__(self, task: Task, cfg: DictConfig, out: str | Path, section: str) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+        if section not in cfg or "train" not in cfg[section]:
+            raise ConfigError(f"training: config has no '{section}.train' section")
+        self.task, self.cfg, self.section = task, cfg, section
+        self.tc = tc = cfg[section].train
+        _validate_train_cfg(tc, section)
+        self.out = out = Path(out)
+        self.trackers = ["tensorboard"] if (tc.tensorboard and _tensorboard_available()) else None
+        self.accelerator = Accelerator(
+            mixed_precision=str(tc.mixed_precision),
+            gradient_accumulation_steps=int(tc.grad_accum),
+            cpu=bool(tc.cpu),
+            log_with=self.trackers,
+            project_config=ProjectConfiguration(project_dir=str(out),
+                                                logging_dir=str(out / "tb")),  # fmt: skip
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters=bool(tc.find_unused_parameters))],  # fmt: skip
         )
-    steps_per_epoch = micro_per_epoch // int(tc.grad_accum)
-    total_steps = int(tc.max_steps) or int(tc.epochs) * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    # The inputs are checked (model, optimizer, data): only now does anything appear in ``out``.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out)
-        (out / "provenance.json").write_text(
-            json.dumps(
-                provenance(cfg, stage=section, world_size=accelerator.num_processes), indent=2
+        # Every rank checks (and raises) before anything is written: an error on the main
+        # process alone would leave the other ranks waiting forever.
+        _check_resume_config(out, cfg, section)
+        set_seed(int(cfg.seed))
+        self.ctx = StepContext(accelerator=self.accelerator, cfg=cfg, train_cfg=tc, out=out)
+        self.state = _LoopState()
+        self.last_logs: dict[str, Any] = {}
+        self.evaluation: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ set-up and resume
+
+    def setup(self) -> None:
+        """Model, optimizer, data and schedule; the config and provenance once all are valid."""
+        tc, acc, section = self.tc, self.accelerator, self.section
+        model = self.task.build_model()
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(self.task.param_groups(model, self.ctx), tc)
+        self.loader = self.task.train_loader(self.ctx)
+        try:
+            micro_per_epoch = len(self.loader)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ConfigError(f"training: the {section} task's loader has no length") from exc
+        if micro_per_epoch < int(tc.grad_accum):
+            raise DataError(
+                f"{section}: {micro_per_epoch} batch(es) per epoch per process, fewer than "
+                f"train.grad_accum={tc.grad_accum}; use a smaller train.batch_size or more data"
             )
+        self.steps_per_epoch = micro_per_epoch // int(tc.grad_accum)
+        self.micro_per_epoch = self.steps_per_epoch * int(tc.grad_accum)
+        self.total_steps = int(tc.max_steps) or int(tc.epochs) * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        # The inputs are checked (model, optimizer, data): only now does anything appear in out.
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_resolved(self.cfg, self.out)
+            info = provenance(self.cfg, stage=section, world_size=acc.num_processes)
+            (self.out / "provenance.json").write_text(json.dumps(info, indent=2))
+        acc.wait_for_everyone()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lr_lambda(self.total_steps, int(tc.warmup_steps), str(tc.schedule),
+                      float(tc.min_lr_ratio)),  # fmt: skip
         )
-    accelerator.wait_for_everyone()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(total_steps, int(tc.warmup_steps), str(tc.schedule), float(tc.min_lr_ratio)),
-    )
-    # The loader is the task's (already sharded) and the scheduler is stepped here once per
-    # optimizer step, so neither goes through prepare() (which would shard and step it again).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = _LoopState()
+        # The loader is the task's (already sharded) and the scheduler is stepped here once per
+        # optimizer step, so neither goes through prepare() (which would shard and step it again).
+        self.model, self.optimizer = acc.prepare(model, optimizer)
 
-    saved = (model, optimizer, scheduler)  # what a checkpoint holds, besides RNG and loop state
-    resumed_from = None
-    ckpts = find_checkpoints(out)
-    if ckpts:
-        _load_checkpoint(accelerator, ckpts[-1], state, model, optimizer, scheduler)
-        resumed_from = state.step
-        if state.micro_step >= steps_per_epoch * int(tc.grad_accum):
-            state.epoch, state.micro_step = state.epoch + 1, 0
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint in ``out``, if any."""
+        ckpts = find_checkpoints(self.out)
+        self.resumed_from: int | None = None
+        self.last_ckpt: Path | None = ckpts[-1] if ckpts else None
+        if ckpts:
+            _load_checkpoint(self.accelerator, ckpts[-1], self.state, self.model, self.optimizer,
+                             self.scheduler)  # fmt: skip
+            self.resumed_from = self.state.step
+            if self.state.micro_step >= self.micro_per_epoch:
+                self.state.epoch, self.state.micro_step = self.state.epoch + 1, 0
+        self.log = _MetricLog(self.accelerator, self.out / "metrics.jsonl",
+                              use_trackers=self.trackers is not None)  # fmt: skip
+        if self.trackers:
+            self.accelerator.init_trackers(self.section, config=_flat_numbers(to_dict(self.cfg)))
+        if self.resumed_from is not None:
+            self.log.write({"event": "resumed", "step": self.state.step, "epoch": self.state.epoch})
+            self.accelerator.print(f"{self.section}: resuming from step {self.state.step} "
+                                   f"({ckpts[-1]})")  # fmt: skip
 
-    log = _MetricLog(accelerator, out / "metrics.jsonl", use_trackers=trackers is not None)
-    if trackers:
-        accelerator.init_trackers(section, config=_flat_numbers(to_dict(cfg)))
-    if resumed_from is not None:
-        log.write({"event": "resumed", "step": state.step, "epoch": state.epoch})
-        accelerator.print(f"{section}: resuming from step {state.step} ({ckpts[-1]})")
+    # ------------------------------------------------------------------ the loop
 
-    bar = None
-    if tc.progress and accelerator.is_main_process and state.step < total_steps:
-        from tqdm.auto import tqdm
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        self.resume()
+        self.bar = None
+        if self.tc.progress and self.accelerator.is_main_process \
+                and self.state.step < self.total_steps:  # fmt: skip
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=state.step, desc=section, unit="step",
-                   dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.section,
+                            unit="step", dynamic_ncols=True)  # fmt: skip
+        self.window = _Window(self.accelerator.device)
+        self.t_start = time.perf_counter()
+        self.images_at_start = self.state.images
+        while self.state.step < self.total_steps and self.state.epoch < self.epochs:
+            self.run_epoch(self.state.epoch)
+        if self.bar is not None:
+            self.bar.close()
+        return self.finish()
 
-    sums: dict[str, float] = {}
-    n_logged = 0
-    window_images, window_t0 = 0, time.perf_counter()
-    paused = 0.0  # seconds of evaluation and checkpointing inside the current log window
-    t_start = time.perf_counter()
-    images_at_start = state.images
-    last_logs: dict[str, Any] = {}
-    evaluation: dict[str, float] = {}
-    last_ckpt: Path | None = ckpts[-1] if ckpts else None
-    world = accelerator.num_processes
-    gen_device = accelerator.device
-
-    def run_eval() -> dict[str, float]:
-        res: dict[str, float] = {}
-        if accelerator.is_main_process:
-            raw = accelerator.unwrap_model(model)
-            was_training = raw.training
-            raw.eval()
-            with torch.no_grad():
-                res = {k: _to_float(v) for k, v in task.evaluate(raw, ctx).items()}
-            raw.train(was_training)
-            if res:
-                log.write({"step": state.step, "epoch": state.epoch, **res})
-        accelerator.wait_for_everyone()
-        return res
-
-    while state.step < total_steps and state.epoch < epochs:
-        epoch = state.epoch
+    def run_epoch(self, epoch: int) -> None:
+        """The rest of ``epoch`` (all of it unless resumed mid-epoch), then its evaluation and
+        checkpoint when due."""
+        state, tc, ctx = self.state, self.tc, self.ctx
         ctx.epoch, ctx.step = epoch, state.step
-        _set_epoch(loader, epoch)
-        task.on_epoch_start(epoch, model, ctx)
-        model.train()
+        _set_epoch(self.loader, epoch)
+        self.task.on_epoch_start(epoch, self.model, ctx)
+        self.model.train()
         skip = state.micro_step
-        batches = _skip(loader, skip)
-        for micro in range(skip, steps_per_epoch * int(tc.grad_accum)):
+        batches = _skip(self.loader, skip)
+        for micro in range(skip, self.micro_per_epoch):
             batch = next(batches, None)
             if batch is None:
                 break
-            batch = _move(batch, accelerator.device)
-            ctx.micro_step, ctx.step = micro, state.step
-            ctx.generator = torch.Generator(device=gen_device).manual_seed(
-                _step_seed(int(cfg.seed), accelerator.process_index, state.step, micro)
-            )
-            with accelerator.accumulate(model):
-                loss, logs = task.train_step(model, batch, ctx)
-                if not torch.isfinite(loss.detach()).all():
-                    raise TrainingDiverged(
-                        f"{section}: non-finite loss at step {state.step} (epoch {epoch}); "
-                        "lower train.lr or check the data"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            n_img = task.count_images(batch) * world
-            state.images += n_img
-            window_images += n_img
-            state.micro_step = micro + 1
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + float(_to_float(v))
-            n_logged += 1
-            if not accelerator.sync_gradients:
-                continue
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            state.step += 1
-            if bar is not None:
-                bar.update(1)
-            last_step = state.step >= total_steps
-            if state.step % max(int(tc.log_every), 1) == 0 or last_step:
-                means = torch.tensor([sums[k] / n_logged for k in sorted(sums)],
-                                     device=accelerator.device)  # fmt: skip
-                means = accelerator.reduce(means, reduction="mean")
-                dt = time.perf_counter() - window_t0 - paused
-                rec = dict(zip(sorted(sums), means.tolist(), strict=True))
-                rec.update(
-                    step=state.step, epoch=epoch, images=state.images,
-                    img_per_s=window_images / dt if dt > 0 else 0.0,
-                    lr=scheduler.get_last_lr()[0],
-                )  # fmt: skip
-                log.write(rec)
-                last_logs = rec
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}",
-                                    epoch=epoch)  # fmt: skip
-                sums, n_logged = {}, 0
-                window_images, window_t0, paused = 0, time.perf_counter(), 0.0
-            if tc.checkpoint_every and state.step % int(tc.checkpoint_every) == 0 and not last_step:
-                t_pause = time.perf_counter()
-                last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints, *saved)
-                paused += time.perf_counter() - t_pause
-            if last_step:
+            if self.train_micro_batch(epoch, micro, batch) and state.step >= self.total_steps:
                 break
-        # end of epoch
-        epoch_done = state.micro_step >= steps_per_epoch * int(tc.grad_accum)
-        finished = state.step >= total_steps
+        epoch_done = state.micro_step >= self.micro_per_epoch
+        finished = state.step >= self.total_steps
         if epoch_done:
             state.epoch, state.micro_step = epoch + 1, 0
         t_pause = time.perf_counter()
         if tc.eval_every and epoch_done and (epoch + 1) % int(tc.eval_every) == 0 and not finished:
-            evaluation = run_eval()
+            self.evaluation = self.evaluate()
         if not finished and epoch_done and tc.checkpoint_epochs \
                 and (epoch + 1) % int(tc.checkpoint_epochs) == 0:  # fmt: skip
-            last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints, *saved)
-        paused += time.perf_counter() - t_pause
-    if bar is not None:
-        bar.close()
+            self.checkpoint()
+        self.window.paused += time.perf_counter() - t_pause
 
-    # Final: checkpoint (unless this exact step is saved), evaluation, artefacts, summary.
-    if last_ckpt is None or int(last_ckpt.name[len(_PREFIX):]) != state.step:
-        last_ckpt = _save_checkpoint(accelerator, out, state, tc.keep_checkpoints, *saved)
-    evaluation = run_eval()
-    # One (sum, sum of squares) of the parameters per rank: equal on all ranks unless DDP
-    # failed to keep them in sync (recorded so multi-process runs can be checked afterwards).
-    with torch.no_grad():
-        params = [p.detach().double() for p in accelerator.unwrap_model(model).parameters()]
-        stats = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
-    rank_stats = accelerator.gather(stats.to(accelerator.device)[None]).cpu().tolist()
-    elapsed = time.perf_counter() - t_start
-    images_now = state.images - images_at_start
-    summary = {
-        "stage": section,
-        "steps": state.step,
-        "total_steps": total_steps,
-        "epochs": state.epoch,
-        "steps_per_epoch": steps_per_epoch,
-        "images_seen": state.images,
-        "world_size": world,
-        "seconds_this_run": round(elapsed, 3),
-        "img_per_s_this_run": round(images_now / elapsed, 2) if elapsed > 0 else 0.0,
-        "resumed_from": resumed_from,
-        "last_train_log": last_logs,
-        "evaluation": evaluation,
-        "checkpoint": str(last_ckpt),
-        "rank_param_stats": rank_stats,
-    }
-    if accelerator.is_main_process:
-        task.save_artifacts(accelerator.unwrap_model(model), out, summary)
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    if trackers:
-        accelerator.end_training()
-    return summary
+    def train_micro_batch(self, epoch: int, micro: int, batch: Any) -> bool:
+        """Forward and backward one micro-batch; returns whether an optimizer step completed."""
+        from accelerate.utils import send_to_device
+
+        acc, state, tc, ctx = self.accelerator, self.state, self.tc, self.ctx
+        batch = send_to_device(batch, acc.device, non_blocking=True)
+        ctx.micro_step, ctx.step = micro, state.step
+        ctx.generator = torch.Generator(device=acc.device).manual_seed(
+            _step_seed(int(self.cfg.seed), acc.process_index, state.step, micro)
+        )
+        with acc.accumulate(self.model):
+            loss, logs = self.task.train_step(self.model, batch, ctx)
+            if not torch.isfinite(loss.detach()).all():  # the one host sync of a step
+                raise TrainingDiverged(
+                    f"{self.section}: non-finite loss at step {state.step} (epoch {epoch}); "
+                    "lower train.lr or check the data"
+                )
+            acc.backward(loss)
+            if acc.sync_gradients and tc.grad_clip > 0:
+                acc.clip_grad_norm_(self.model.parameters(), float(tc.grad_clip))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        n_img = self.task.count_images(batch) * acc.num_processes
+        state.images += n_img
+        state.micro_step = micro + 1
+        self.window.add(loss, logs, n_img)
+        if not acc.sync_gradients:
+            return False
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        state.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        last_step = state.step >= self.total_steps
+        if state.step % max(int(tc.log_every), 1) == 0 or last_step:
+            self.log_window(epoch)
+        if tc.checkpoint_every and state.step % int(tc.checkpoint_every) == 0 and not last_step:
+            t_pause = time.perf_counter()
+            self.checkpoint()
+            self.window.paused += time.perf_counter() - t_pause
+        return True
+
+    def log_window(self, epoch: int) -> None:
+        """Means of the window's step metrics over steps and processes, images/s, lr."""
+        dt = self.window.seconds()
+        rec: dict[str, Any] = self.window.means(self.accelerator)
+        rec.update(
+            step=self.state.step, epoch=epoch, images=self.state.images,
+            img_per_s=self.window.images / dt if dt > 0 else 0.0,
+            lr=self.scheduler.get_last_lr()[0],
+        )  # fmt: skip
+        self.log.write(rec)
+        self.last_logs = rec
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}",
+                                 epoch=epoch)  # fmt: skip
+        self.window.reset()
+
+    def checkpoint(self) -> None:
+        self.last_ckpt = _save_checkpoint(self.accelerator, self.out, self.state,
+                                          self.tc.keep_checkpoints, self.model, self.optimizer,
+                                          self.scheduler)  # fmt: skip
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's evaluation on the main process (logged); the other ranks wait."""
+        acc = self.accelerator
+        res: dict[str, float] = {}
+        if acc.is_main_process:
+            raw = acc.unwrap_model(self.model)
+            was_training = raw.training
+            raw.eval()
+            with torch.no_grad():
+                res = {k: _to_float(v) for k, v in self.task.evaluate(raw, self.ctx).items()}
+            raw.train(was_training)
+            if res:
+                self.log.write({"step": self.state.step, "epoch": self.state.epoch, **res})
+        acc.wait_for_everyone()
+        return res
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self) -> dict[str, Any]:
+        """Final checkpoint (unless this exact step is saved), evaluation, artefacts, summary."""
+        acc, state = self.accelerator, self.state
+        if self.last_ckpt is None or int(self.last_ckpt.name[len(_PREFIX):]) != state.step:
+            self.checkpoint()
+        self.evaluation = self.evaluate()
+        # One (sum, sum of squares) of the parameters per rank: equal on all ranks unless DDP
+        # failed to keep them in sync (recorded so multi-process runs can be checked afterwards).
+        with torch.no_grad():
+            params = [p.detach().double() for p in acc.unwrap_model(self.model).parameters()]
+            stats = torch.stack([sum(p.sum() for p in params),
+                                 sum((p * p).sum() for p in params)])  # fmt: skip
+        rank_stats = acc.gather(stats.to(acc.device)[None]).cpu().tolist()
+        elapsed = time.perf_counter() - self.t_start
+        images_now = state.images - self.images_at_start
+        summary = {
+            "stage": self.section,
+            "steps": state.step,
+            "total_steps": self.total_steps,
+            "epochs": state.epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "images_seen": state.images,
+            "world_size": acc.num_processes,
+            "seconds_this_run": round(elapsed, 3),
+            "img_per_s_this_run": round(images_now / elapsed, 2) if elapsed > 0 else 0.0,
+            "resumed_from": self.resumed_from,
+            "last_train_log": self.last_logs,
+            "evaluation": self.evaluation,
+            "checkpoint": str(self.last_ckpt),
+            "rank_param_stats": rank_stats,
+        }
+        if acc.is_main_process:
+            self.task.save_artifacts(acc.unwrap_model(self.model), self.out, summary)
+            write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
+        if self.trackers:
+            acc.end_training()
+        return summary
 
 
 def _flat_numbers(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
