@@ -216,6 +216,10 @@ class TripletSampler:
         block_size: triplets per seeded block (part of what defines the data; stored in attrs).
         accept: optional ``(n, 3, 3) -> (n,) bool`` of renderable rotations (a generator's
             ``reachable``); anchors and negatives are redrawn until accepted.
+        anchors: given anchor rotations ``(T, 3, 3)`` (CLERF's real anchors: the photographs'
+            labels) instead of drawn ones; triplet ``i`` has anchor ``anchors[i]``.
+        stream: seed stream of the blocks (generated triplets and real anchors use different
+            streams, so their draws are independent).
     """
 
     def __init__(
@@ -225,6 +229,8 @@ class TripletSampler:
         rule: TripletRule,
         block_size: int = 256,
         accept: Accept | None = None,
+        anchors: Tensor | None = None,
+        stream: int = _STREAM_TRIPLETS,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"triplets.sampling_block must be positive, got {block_size}")
@@ -232,6 +238,8 @@ class TripletSampler:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.seed, self.poses, self.rule = int(seed), poses, rule
         self.block_size, self.accept = int(block_size), accept
+        self.anchors = None if anchors is None else anchors.to(torch.float64)
+        self.stream = int(stream)
         self._cache: tuple[int, TripletPlan] | None = None
 
     def params(self) -> dict[str, Any]:
@@ -242,9 +250,14 @@ class TripletSampler:
         """The full plan of block ``b`` (triplets ``[b * block_size, (b + 1) * block_size)``)."""
         if self._cache is not None and self._cache[0] == b:
             return self._cache[1]
-        g = seeded_generator(self.seed, _STREAM_TRIPLETS, b)
+        g = seeded_generator(self.seed, self.stream, b)
         n = self.block_size
         accept = self.accept
+        if self.anchors is not None:
+            plan = self.rule.complete(self.anchors[b * n:(b + 1) * n], self.poses, g,
+                                      start=b * n, accept=accept)  # fmt: skip
+            self._cache = (b, plan)
+            return plan
 
         def draw(m: int, rows: Tensor) -> Tensor:
             return self.poses.sample(m, g)

@@ -39,10 +39,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clerf.config import first_difference
 from clerf.errors import DataError
-from clerf.files import temp_path_beside
+from clerf.files import replacing, temp_path_beside
 from clerf.versions import CONVENTIONS_VERSION, __version__
 
 __all__ = [
+    "EntrySource",
+    "write_virtual_entry",
     "SCHEMA_NAME",
     "SCHEMA_VERSION",
     "KINDS",
@@ -555,10 +557,12 @@ def write_entry_file(
     ``shard_start``/``shard_stop``) must tile ``[0, N)`` in order. Shard paths are stored relative
     to the entry file's folder, which is where HDF5 looks for them; keep the folder together.
     ``attrs`` must contain ``kind`` (``"triplets"`` or ``"labelled"``); the rest is provenance.
-    The entry is built in a temporary file and renamed, so it appears complete or not at all.
+    A triplets store without ``triplets`` is interleaved (rows ``3t, 3t+1, 3t+2``); a given
+    ``triplets`` table ``(T, 3)`` is stored as such (``triplet_layout = "table"``).
     """
-    path = Path(path)
-    infos = []
+    sources = []
+    first: dict[str, Any] = {}
+    expect = 0
     for sp in shard_paths:
         sp = Path(sp)
         with h5py.File(sp, "r") as f:
@@ -566,50 +570,73 @@ def write_entry_file(
             if not a.get("complete") or a.get("kind") != "shard":
                 raise DataError(f"{sp}: not a complete shard (kind {a.get('kind')!r})")
             shapes = {k: (f[k].shape, f[k].dtype) for k in f if isinstance(f[k], h5py.Dataset)}
-        infos.append((sp, a, shapes))
-    n = int(infos[-1][1]["shard_stop"])
-    expect = 0
-    for sp, a, _ in infos:
         if int(a["shard_start"]) != expect:
             raise DataError(f"{sp}: shard starts at {a['shard_start']}, expected {expect}")
         expect = int(a["shard_stop"])
-    first = infos[0][1]
+        sources.append(EntrySource(sp, int(a["shard_start"]), expect, shapes))
+        first = first or a
+    skip = ("shard_start", "shard_stop", "shard_index", "completed", "complete")
+    merged = {**{k: v for k, v in first.items() if k not in skip}, **attrs}
+    return write_virtual_entry(path, sources, list(sources[0].shapes), merged, triplets)
+
+
+@dataclass
+class EntrySource:
+    """Rows ``[start, stop)`` of an entry file come from the file ``path`` (its datasets and
+    their ``(shape, dtype)``)."""
+
+    path: Path
+    start: int
+    stop: int
+    shapes: dict[str, tuple[tuple[int, ...], Any]]
+
+
+def write_virtual_entry(
+    path: str | Path,
+    sources: Sequence[EntrySource],
+    names: Sequence[str],
+    attrs: Mapping[str, Any],
+    triplets: np.ndarray | None = None,
+) -> Path:
+    """The one writer of entry files: datasets ``names`` as virtual datasets over ``sources``
+    (which tile ``[0, N)`` in order), a triplet table for ``kind="triplets"``, the attributes.
+
+    Used for sharded stores (:func:`write_entry_file`) and CLERF's real-anchor stores (real
+    labelled store + rendered store). Paths are stored relative to the entry's folder. Built in
+    a temporary file and renamed, so it appears complete or not at all.
+    """
+    path = Path(path)
+    n = sources[-1].stop
     kind = attrs["kind"]
-    tmp = temp_path_beside(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, (shape, dtype) in infos[0][2].items():
-                layout = h5py.VirtualLayout(shape=(n, *shape[1:]), dtype=dtype)
-                for sp, a, shapes in infos:
-                    s0, s1 = int(a["shard_start"]), int(a["shard_stop"])
-                    rel = os.path.relpath(sp, path.parent)
-                    layout[s0:s1] = h5py.VirtualSource(rel, name, shape=shapes[name][0])
-                f.create_virtual_dataset(name, layout)
-            f["euler"].attrs["order"] = EULER_ORDER
-            f["euler"].attrs["units"] = "deg"
-            if kind == "triplets":
-                t = n // 3
-                table = (np.arange(n, dtype=np.int64).reshape(t, 3) if triplets is None
-                         else np.asarray(triplets, dtype=np.int64))
-                f.create_dataset("triplets", data=table)
-                f["triplets"].attrs["columns"] = "anchor,positive,negative"
-            for k, v in first.items():
-                if k not in ("shard_start", "shard_stop", "shard_index", "completed", "complete"):
-                    f.attrs[k] = _attr_value(v)
-            for k, v in attrs.items():
-                f.attrs[k] = _attr_value(v)
-            f.attrs["kind"] = kind
-            f.attrs["num_images"] = n
-            f.attrs["num_triplets"] = n // 3 if kind == "triplets" else 0
-            f.attrs["triplet_layout"] = "interleaved" if kind == "triplets" else ""
-            f.attrs["num_shards"] = len(infos)
-            f.attrs["shards"] = canonical_json(
-                [os.path.relpath(sp, path.parent) for sp, _, _ in infos])
-            f.attrs["complete"] = True
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        for name in names:
+            shape, dtype = sources[0].shapes[name]
+            layout = h5py.VirtualLayout(shape=(n, *shape[1:]), dtype=dtype)
+            for src in sources:
+                rel = os.path.relpath(src.path, path.parent)
+                layout[src.start:src.stop] = h5py.VirtualSource(rel, name,
+                                                                shape=src.shapes[name][0])
+            f.create_virtual_dataset(name, layout)
+        f["euler"].attrs["order"] = EULER_ORDER
+        f["euler"].attrs["units"] = "deg"
+        num_triplets = 0
+        if kind == "triplets":
+            table = (np.arange(n, dtype=np.int64).reshape(n // 3, 3) if triplets is None
+                     else np.asarray(triplets, dtype=np.int64))
+            f.create_dataset("triplets", data=table)
+            f["triplets"].attrs["columns"] = "anchor,positive,negative"
+            num_triplets = len(table)
+        for k, v in attrs.items():
+            f.attrs[k] = _attr_value(v)
+        f.attrs["kind"] = kind
+        f.attrs["num_images"] = n
+        f.attrs["num_triplets"] = num_triplets
+        f.attrs["triplet_layout"] = ("" if kind != "triplets"
+                                     else "interleaved" if triplets is None else "table")
+        f.attrs["num_shards"] = len(sources)
+        f.attrs["shards"] = canonical_json([os.path.relpath(s.path, path.parent)
+                                            for s in sources])  # fmt: skip
+        f.attrs["complete"] = True
     return path
 
 

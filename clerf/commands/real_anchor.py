@@ -32,7 +32,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clerf.config import load_config
-    from clerf.data.real_anchor import run_real_anchor
+    from triplets.real_anchor import run_real_anchor
 
     check_resume_overwrite(args)
     cfg = load_config(args.config, args.overrides)

@@ -5,7 +5,7 @@
 * :mod:`clerf.data.base`: samples, the +-99 deg protocol filter, scan reports, the registry.
 * :mod:`clerf.data.w300lp`, :mod:`clerf.data.aflw2000`, :mod:`clerf.data.biwi`: the loaders.
 * :mod:`clerf.data.prepare`: ``clerf prepare``, a dataset -> a labelled HDF5 store.
-* :mod:`clerf.data.real_anchor`: CLERF's real-anchor triplets.
+* CLERF's real-anchor triplets over a prepared store: :mod:`triplets.real_anchor`.
 
 Importing this package is light (no h5py, no generators).
 """

@@ -12,10 +12,10 @@ from fixtures_data import make_300wlp
 
 from clerf.config import load_config
 from clerf.data.prepare import run_prepare
-from clerf.data.real_anchor import rendered_path, run_real_anchor
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import euler_from_rotation, geodesic_distance
 from generators.base import PoseGenerator, Rendered
+from triplets.real_anchor import rendered_path, run_real_anchor
 from triplets.store import TripletDataset, content_hash, open_store
 
 
@@ -48,7 +48,7 @@ class LyingGenerator(PoseCodeGenerator):
         return Rendered(out.images, out.rotations @ rot_z(torch.tensor(10.0)).to(torch.float32))
 
 
-GEN = "test_data_real_anchor:PoseCodeGenerator"
+GEN = "test_triplets_real_anchor:PoseCodeGenerator"
 
 
 def _real_store(tmp_path: Path) -> Path:
@@ -129,7 +129,7 @@ def test_real_anchor_deterministic_and_resumable(tmp_path, monkeypatch):
 
 def test_unreachable_anchors_are_counted(tmp_path, caplog):
     real = _real_store(tmp_path)
-    cfg = _cfg("generator.name=test_data_real_anchor:YawLimitedGenerator")
+    cfg = _cfg("generator.name=test_triplets_real_anchor:YawLimitedGenerator")
     res = run_real_anchor(cfg, real, tmp_path / "ra.h5")
     with h5py.File(real) as f:
         yaw = np.abs(f["euler"][:, 1])
@@ -142,7 +142,7 @@ def test_unreachable_anchors_are_counted(tmp_path, caplog):
 
 def test_errors(tmp_path):
     real = _real_store(tmp_path)
-    cfg = _cfg("generator.name=test_data_real_anchor:LyingGenerator")
+    cfg = _cfg("generator.name=test_triplets_real_anchor:LyingGenerator")
     with pytest.raises(DataError, match="away from its real anchor's rotation"):
         run_real_anchor(cfg, real, tmp_path / "a.h5")
     with pytest.raises(ConfigError, match="impossible"):
