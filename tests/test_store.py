@@ -352,3 +352,27 @@ def test_store_pickles_without_handle(tmp_path):
     assert s2._file is None and s2.read_range(0, 3)["images"].shape == (3, 3, RES, RES)
     assert os.getpid() == s._pid
     assert store_mod.SCHEMA_VERSION == 1
+
+
+def test_entry_file_over_shards_keeps_a_given_triplet_table(tmp_path):
+    from triplets.store import write_entry_file
+
+    imgs, rots, ids = _data(12)
+    shards = []
+    for i, (lo, hi) in enumerate(((0, 6), (6, 12))):
+        p = tmp_path / f"shard-{i}.h5"
+        w = StoreWriter(p, "shard", RES, hi - lo, chunk=6, fingerprint={"k": 1},
+                        attrs={"shard_index": i, "shard_start": lo, "shard_stop": hi})
+        w.write_chunk(0, imgs[lo:hi], rots[lo:hi], ids[lo:hi])
+        w.finalize()
+        shards.append(p)
+    interleaved = write_entry_file(tmp_path / "a.h5", shards, {"kind": "triplets"})
+    s = open_store(interleaved)
+    assert s.num_triplets == 4 and s.attrs["triplet_layout"] == "interleaved"
+    table = np.array([[0, 5, 11], [3, 4, 7]])
+    custom = write_entry_file(tmp_path / "b.h5", shards, {"kind": "triplets"}, triplets=table)
+    s = open_store(custom)
+    # a given table is the store's table (it used to be stamped "interleaved" and ignored)
+    assert s.num_triplets == 2 and s.attrs["triplet_layout"] == "table"
+    np.testing.assert_array_equal(s.file["triplets"][:], table)
+    np.testing.assert_array_equal(s.file["images"][11], imgs[11])
