@@ -393,72 +393,91 @@ def _save_checkpoint(accelerator, out: Path, state: _LoopState, keep: int, model
     return final
 
 
+class _CheckpointReader:
+    """Reads a checkpoint folder written by :func:`_save_checkpoint`; nothing is unpickled.
+
+    Every failure is one :class:`DataError` line naming the unreadable file (foreign, corrupt,
+    truncated, from an older clerf whose checkpoints were pickles) with what to do instead.
+    """
+
+    def __init__(self, ckpt: Path) -> None:
+        self.ckpt = ckpt
+        self.hint = (f"move {ckpt} aside to resume from an earlier checkpoint, or give a new "
+                     "--out to start fresh")  # fmt: skip
+
+    def bad(self, path: Path, why: str) -> DataError:
+        return DataError(f"{path}: {why}; {self.hint}")
+
+    @staticmethod
+    def first_sentence(exc: BaseException) -> str:
+        text = " ".join(str(exc).split()) or exc.__class__.__name__
+        return text.split(". ")[0][:160]
+
+    def torch_file(self, path: Path) -> Any:
+        """A plain-tensor file, read with ``weights_only=True``."""
+        if not path.is_file():
+            raise self.bad(path, "missing from the checkpoint")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types
+            raise self.bad(path, "not a readable clerf checkpoint file (read with "
+                           f"weights_only=True: {self.first_sentence(exc)})") from exc  # fmt: skip
+
+    def loop_state(self) -> dict[str, Any]:
+        loop_file = self.ckpt / _LOOP_FILE
+        try:
+            loop = json.loads(loop_file.read_text())
+            if not isinstance(loop, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise self.bad(loop_file, f"not a readable loop state ({exc})") from exc
+        if loop.get("format") != CHECKPOINT_FORMAT:
+            raise self.bad(loop_file, f"format {loop.get('format')!r}, expected "
+                           f"{CHECKPOINT_FORMAT!r} (older clerf checkpoints hold pickles, which "
+                           "are never loaded)")  # fmt: skip
+        return loop
+
+    def into(self, path: Path, obj: Any) -> None:
+        """``obj.load_state_dict`` of the plain state dict in ``path``."""
+        sd = self.torch_file(path)
+        try:
+            obj.load_state_dict(sd)
+        except Exception as exc:
+            raise self.bad(path, f"does not match this run ({self.first_sentence(exc)})") from exc
+
+
 def _load_checkpoint(accelerator, ckpt: Path, state: _LoopState, model, optimizer,
                      scheduler) -> None:  # fmt: skip
     """Restore what :func:`_save_checkpoint` wrote; nothing is unpickled.
 
     Raises:
-        DataError: one line naming the unreadable file (foreign, corrupt, truncated, from an
-            older clerf whose checkpoints were pickles) with what to do instead.
+        DataError: one line naming the unreadable file, with what to do instead.
     """
     from clerf.models.io import load_state_strict, load_weights_file
 
-    hint = (f"move {ckpt} aside to resume from an earlier checkpoint, or give a new --out to "
-            "start fresh")  # fmt: skip
-
-    def bad(path: Path, why: str) -> DataError:
-        return DataError(f"{path}: {why}; {hint}")
-
-    def first_sentence(exc: BaseException) -> str:
-        text = " ".join(str(exc).split()) or exc.__class__.__name__
-        return text.split(". ")[0][:160]
-
-    def load_torch(path: Path) -> Any:
-        if not path.is_file():
-            raise bad(path, "missing from the checkpoint")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
-            raise bad(path, "not a readable clerf checkpoint file (read with weights_only=True: "
-                      f"{first_sentence(exc)})") from exc  # fmt: skip
-
-    loop_file = ckpt / _LOOP_FILE
-    try:
-        loop = json.loads(loop_file.read_text())
-        if not isinstance(loop, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise bad(loop_file, f"not a readable loop state ({exc})") from exc
-    if loop.get("format") != CHECKPOINT_FORMAT:
-        raise bad(loop_file, f"format {loop.get('format')!r}, expected {CHECKPOINT_FORMAT!r} "
-                  "(older clerf checkpoints hold pickles, which are never loaded)")  # fmt: skip
+    reader = _CheckpointReader(ckpt)
+    loop = reader.loop_state()
     try:
         state.load_state_dict(loop)
         acc_step = int(loop.get("accelerator_step", 0))
     except (KeyError, TypeError, ValueError) as exc:
-        raise bad(loop_file, f"bad loop state ({exc!r})") from exc
-
+        raise reader.bad(ckpt / _LOOP_FILE, f"bad loop state ({exc!r})") from exc
     try:
         load_state_strict(accelerator.unwrap_model(model), load_weights_file(ckpt / _MODEL_FILE),
                           source=str(ckpt / _MODEL_FILE))  # fmt: skip
     except DataError as exc:
-        raise DataError(f"{exc}; {hint}") from exc
+        raise DataError(f"{exc}; {reader.hint}") from exc
     for path, obj in ((ckpt / _OPTIMIZER_FILE, optimizer), (ckpt / _SCHEDULER_FILE, scheduler),
                       (ckpt / _SCALER_FILE, accelerator.scaler)):  # fmt: skip
-        if obj is None:
-            continue
-        sd = load_torch(path)
-        try:
-            obj.load_state_dict(sd)
-        except Exception as exc:
-            raise bad(path, f"does not match this run ({first_sentence(exc)})") from exc
+        if obj is not None:
+            reader.into(path, obj)
     rng_path = ckpt / _rng_file(accelerator.process_index)
     if rng_path.is_file() or accelerator.process_index == 0:
-        rng = load_torch(rng_path)
+        rng = reader.torch_file(rng_path)
         try:
             _set_rng_state(rng)
         except Exception as exc:
-            raise bad(rng_path, f"not valid random states ({exc!r})") from exc
+            raise reader.bad(rng_path, f"not valid random states ({exc!r})") from exc
     accelerator.step = acc_step
 
 

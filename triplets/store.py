@@ -757,6 +757,35 @@ def open_store(
     and compared with the digest recorded when it was written (reads the whole file).
     """
     p = Path(path)
+    with _open_hdf5(p) as f:
+        a = _read_attrs(f)
+        _check_header(f, p, a)
+        if require_complete and not a.get("complete"):
+            detail = ""
+            if "progress/committed" in f:
+                c = f["progress/committed"][:]
+                detail = f": {int(c.sum())} of {len(c)} chunks committed"
+            raise DataError(
+                f"{p} is incomplete{detail} (no completion marker); finish it with "
+                "`clerf generate ... --resume` or regenerate it"
+            )
+        _check_datasets(f, p, a)
+        layout = _check_triplet_table(f, p, a) if a["kind"] == "triplets" else ""
+        for rel in json.loads(a["shards"]) if a.get("shards") else []:
+            sp = p.parent / rel
+            state = store_state(sp)
+            if state != "complete":
+                raise DataError(f"{p}: shard file {sp} is {state}; the store cannot be read")
+        if a.get("complete"):
+            check_labels(f, p, layout)
+    store = Store(p, a, layout)
+    if verify:
+        verify_store(store)
+    return store
+
+
+def _open_hdf5(p: Path) -> h5py.File:
+    """``p`` opened read-only, or a :class:`DataError` saying why it cannot be."""
     if not p.exists():
         raise DataError(f"store not found: {p}")
     if p.is_dir():
@@ -770,79 +799,66 @@ def open_store(
             f"{p} is not an HDF5 file (no HDF5 signature: wrong file or damaged header)"
         )
     try:
-        f = h5py.File(p, "r")
+        return h5py.File(p, "r")
     except OSError as exc:
         raise DataError(
             f"{p}: cannot open HDF5 file, it is truncated or corrupt ({' '.join(str(exc).split())})"
         ) from exc
-    with f:
-        a = _read_attrs(f)
-        if a.get("schema") != SCHEMA_NAME:
-            names = sorted(f.keys())[:6]
+
+
+def _check_header(f: h5py.File, p: Path, a: Mapping[str, Any]) -> None:
+    """Schema name and version, kind, and the attributes every store has."""
+    if a.get("schema") != SCHEMA_NAME:
+        names = sorted(f.keys())[:6]
+        raise DataError(
+            f"{p} is not a clerf store: attribute 'schema' is {a.get('schema')!r}, expected "
+            f"'{SCHEMA_NAME}' (found datasets {names})"
+        )
+    version = a.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        raise DataError(f"{p}: unsupported schema_version {version!r} "
+                        f"(this clerf reads 1..{SCHEMA_VERSION})")
+    kind = a.get("kind")
+    if kind == "shard":
+        raise DataError(f"{p} is shard {a.get('shard_index')} of a distributed store; open "
+                        "its entry file instead")
+    if kind not in ("triplets", "labelled"):
+        raise DataError(f"{p}: attribute 'kind' is {kind!r}, expected 'triplets' or 'labelled'")
+    for key in ("num_images", "resolution"):
+        if key not in a:
+            raise DataError(f"{p}: attribute '{key}' is missing")
+
+
+def _check_datasets(f: h5py.File, p: Path, a: Mapping[str, Any]) -> None:
+    """The required datasets, with their dtypes, ranks, row counts and image size."""
+    n, r = int(a["num_images"]), int(a["resolution"])
+    for name, (dtype, ndim) in _REQUIRED.items():
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise DataError(f"{p}: dataset '{name}' is missing")
+        ds = f[name]
+        if ds.dtype != dtype or ds.ndim != ndim or ds.shape[0] != n:
             raise DataError(
-                f"{p} is not a clerf store: attribute 'schema' is {a.get('schema')!r}, expected "
-                f"'{SCHEMA_NAME}' (found datasets {names})"
+                f"{p}: dataset '{name}' is {ds.dtype} {ds.shape}, expected {np.dtype(dtype)} "
+                f"with {ndim} dims and {n} rows"
             )
-        version = a.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
-            raise DataError(f"{p}: unsupported schema_version {version!r} "
-                            f"(this clerf reads 1..{SCHEMA_VERSION})")
-        kind = a.get("kind")
-        if kind == "shard":
-            raise DataError(f"{p} is shard {a.get('shard_index')} of a distributed store; open "
-                            "its entry file instead")
-        if kind not in ("triplets", "labelled"):
-            raise DataError(f"{p}: attribute 'kind' is {kind!r}, expected 'triplets' or 'labelled'")
-        for key in ("num_images", "resolution"):
-            if key not in a:
-                raise DataError(f"{p}: attribute '{key}' is missing")
-        if require_complete and not a.get("complete"):
-            detail = ""
-            if "progress/committed" in f:
-                c = f["progress/committed"][:]
-                detail = f": {int(c.sum())} of {len(c)} chunks committed"
-            raise DataError(
-                f"{p} is incomplete{detail} (no completion marker); finish it with "
-                "`clerf generate ... --resume` or regenerate it"
-            )
-        n, r = int(a["num_images"]), int(a["resolution"])
-        for name, (dtype, ndim) in _REQUIRED.items():
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise DataError(f"{p}: dataset '{name}' is missing")
-            ds = f[name]
-            if ds.dtype != dtype or ds.ndim != ndim or ds.shape[0] != n:
-                raise DataError(
-                    f"{p}: dataset '{name}' is {ds.dtype} {ds.shape}, expected {np.dtype(dtype)} "
-                    f"with {ndim} dims and {n} rows"
-                )
-        if f["images"].shape[1:] != (3, r, r):
-            raise DataError(f"{p}: images are {f['images'].shape[1:]}, expected (3, {r}, {r})")
-        layout = ""
-        if kind == "triplets":
-            if "triplets" not in f:
-                raise DataError(f"{p}: dataset 'triplets' is missing")
-            t = f["triplets"]
-            if t.ndim != 2 or t.shape[1] != 3 or t.shape[0] != int(a.get("num_triplets", -1)):
-                raise DataError(f"{p}: dataset 'triplets' is {t.shape}, expected "
-                                f"({a.get('num_triplets')}, 3)")
-            layout = a.get("triplet_layout") or "table"
-            if a.get("anchor_source"):
-                raise DataError(
-                    f"{p}: anchors in another store ('anchor_source') need a reader that "
-                    "supports it (schema extension, see triplets/SCHEMA.md)"
-                )
-        shards = json.loads(a["shards"]) if a.get("shards") else []
-        for rel in shards:
-            sp = p.parent / rel
-            state = store_state(sp)
-            if state != "complete":
-                raise DataError(f"{p}: shard file {sp} is {state}; the store cannot be read")
-        if a.get("complete"):
-            check_labels(f, p, layout)
-    store = Store(p, a, layout)
-    if verify:
-        verify_store(store)
-    return store
+    if f["images"].shape[1:] != (3, r, r):
+        raise DataError(f"{p}: images are {f['images'].shape[1:]}, expected (3, {r}, {r})")
+
+
+def _check_triplet_table(f: h5py.File, p: Path, a: Mapping[str, Any]) -> str:
+    """The triplet table's shape; returns the layout (``interleaved`` or ``table``)."""
+    if "triplets" not in f:
+        raise DataError(f"{p}: dataset 'triplets' is missing")
+    t = f["triplets"]
+    if t.ndim != 2 or t.shape[1] != 3 or t.shape[0] != int(a.get("num_triplets", -1)):
+        raise DataError(f"{p}: dataset 'triplets' is {t.shape}, expected "
+                        f"({a.get('num_triplets')}, 3)")
+    if a.get("anchor_source"):
+        raise DataError(
+            f"{p}: anchors in another store ('anchor_source') need a reader that "
+            "supports it (schema extension, see triplets/SCHEMA.md)"
+        )
+    return a.get("triplet_layout") or "table"
 
 
 #: rows of labels checked at a time when a store is opened
