@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,118 @@ def _replace_params(p: GeometricParams, idx: Tensor, new: GeometricParams) -> Ge
 # --------------------------------------------------------------------------- the task
 
 
+class OutOfRangePolicy:
+    """Labels that leave a binned head's range after augmentation (module docstring):
+    ``error``, ``drop`` or ``resample`` (redraw their transform up to ``tries`` times).
+
+    ``counts`` totals the labels seen, those out of range before any redraw, and those dropped.
+    """
+
+    def __init__(self, policy: str, tries: int, augment: PoseAugment) -> None:
+        self.policy, self.tries, self.augment = policy, tries, augment
+        self.counts = {"labels": 0, "out_of_range": 0, "dropped": 0}
+
+    def draw(self, R: Tensor, head: Any, generator: torch.Generator
+             ) -> tuple[GeometricParams, Tensor, int]:  # fmt: skip
+        """Draw transforms; redraw per the policy. Returns (params, in-range mask, count of
+        labels outside the bins before any redraw)."""
+        n = R.shape[0]
+        params = self.augment.sample_geometric(n, generator, device=R.device)
+        ok = head.in_range(compose_rotation(R, params.to(R.device)))
+        n_out = int((~ok).sum())
+        if self.policy == "resample":
+            for _ in range(self.tries):
+                bad = (~ok).nonzero()[:, 0]
+                if bad.numel() == 0:
+                    break
+                new = self.augment.sample_geometric(bad.numel(), generator, device=R.device)
+                params = _replace_params(params, bad.to(params.angle.device), new)
+                ok[bad] = head.in_range(compose_rotation(R[bad], new.to(R.device)))
+        return params, ok, n_out
+
+    def dropped(self, R: Tensor, params: GeometricParams, ok: Tensor) -> int:
+        """How many labels are left out of the loss; under ``error`` any is an error."""
+        n_drop = int((~ok).sum())
+        if self.policy == "error" and n_drop:
+            from clerf.models.heads import euler_targets
+
+            e = euler_targets(compose_rotation(R, params.to(R.device))[~ok][:1])[0].tolist()
+            raise DataError(
+                f"finetune: {n_drop} label(s) of this batch lie outside the head's bins after "
+                f"augmentation (e.g. pitch, yaw, roll = {e[0]:.1f}, {e[1]:.1f}, {e[2]:.1f} deg); "
+                "set finetune.out_of_range=drop or resample, or narrow finetune.augment"
+            )
+        return n_drop
+
+    def record(self, n: int, n_out: int, n_drop: int) -> None:
+        self.counts["labels"] += n
+        self.counts["out_of_range"] += n_out
+        self.counts["dropped"] += n_drop
+
+
+@dataclass
+class FinetuneData:
+    """The fine-tune stage's data: the training source and the held-out images.
+
+    Training images come from ``train_data``, a stream (``finetune.stream``) or
+    ``finetune.train_store``; held-out images from ``val_data``, the stream's own held-out
+    set, ``finetune.val_store`` or the last ``finetune.val_fraction`` of the training store.
+    """
+
+    train: Any
+    info: dict[str, Any]
+    val_images: Tensor | None = None
+    val_rotations: Tensor | None = None
+    chance_deg: float = float("nan")
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, train_data: Any = None,
+                    val_data: Mapping[str, Tensor] | None = None) -> FinetuneData:  # fmt: skip
+        fc = cfg.finetune
+        streaming = train_data is None and bool(fc.stream.enabled)
+        if streaming:
+            from clerf.streaming import build_stream
+
+            train_data = build_stream(cfg, "finetune")
+        elif train_data is None:
+            train_data = _open_labelled(fc.train_store, "finetune.train_store")
+        info = _store_info(train_data)
+        cap = int(fc.val_max_images)
+        if val_data is None and streaming and not fc.val_store and int(fc.stream.val_size):
+            from clerf.streaming import held_out_labelled
+
+            val_data = held_out_labelled(cfg, int(fc.stream.val_size),
+                                         int(fc.stream.val_seed_offset))  # fmt: skip
+        elif val_data is None and fc.val_store:
+            val_ds = _open_labelled(fc.val_store, "finetune.val_store")
+            val_data = _read_val(val_ds, 0, len(val_ds), cap)
+        elif val_data is None and float(fc.val_fraction) > 0 and not streaming:
+            n = len(train_data)
+            n_val = int(round(n * float(fc.val_fraction)))
+            if n_val < 2 or n - n_val < 1:
+                raise DataError(
+                    f"finetune.val_fraction={fc.val_fraction} of {n} images leaves {n_val} "
+                    f"held-out and {n - n_val} training images; need at least 2 and 1"
+                )
+            val_data = _read_val(train_data, n - n_val, n, cap)
+            train_data = _Prefix(train_data, n - n_val)
+        data = cls(train=train_data, info=info)
+        if val_data is not None:
+            cap = cap or val_data["images"].shape[0]
+            data.val_images = val_data["images"][:cap]
+            data.val_rotations = val_data["rotations"][:cap].float()
+            data.chance_deg = chance_geodesic(data.val_rotations, max_n=2048)
+        return data
+
+
+def _read_val(dataset: Any, start: int, stop: int, cap: int) -> dict[str, Tensor]:
+    if cap:
+        stop = min(stop, start + cap)
+    if stop - start < 2:
+        raise DataError(f"finetune: the held-out set has {stop - start} image(s); need >= 2")
+    return dataset.read_batch(list(range(start, stop)))  # contiguous: one slice per chunk
+
+
 class FinetuneTask(Task):
     """The fine-tune stage as a :class:`clerf.training.Task`; see the module docstring.
 
@@ -211,45 +323,13 @@ class FinetuneTask(Task):
             self.augment = PoseAugment(fc.augment, output_size=self.input_size)
         except ValueError as exc:
             raise ConfigError(f"finetune: {exc}") from exc
-        self.policy = str(fc.out_of_range)
+        self.out_of_range = OutOfRangePolicy(str(fc.out_of_range), int(fc.resample_tries),
+                                             self.augment)  # fmt: skip
         self.keep_frozen = tuple(str(p) for p in fc.freeze)
-
-        streaming = train_data is None and bool(fc.stream.enabled)
-        if streaming:
-            from clerf.streaming import build_stream
-
-            train_data = build_stream(cfg, "finetune")
-        elif train_data is None:
-            train_data = _open_labelled(fc.train_store, "finetune.train_store")
-        self.data_info = _store_info(train_data)
-        if val_data is None and streaming and not fc.val_store and int(fc.stream.val_size):
-            from clerf.streaming import held_out_labelled
-
-            val_data = held_out_labelled(cfg, int(fc.stream.val_size),
-                                         int(fc.stream.val_seed_offset))  # fmt: skip
-        elif val_data is None and fc.val_store:
-            val_ds = _open_labelled(fc.val_store, "finetune.val_store")
-            val_data = self._read_val(val_ds, 0, len(val_ds))
-        elif val_data is None and float(fc.val_fraction) > 0 and not streaming:
-            n = len(train_data)
-            n_val = int(round(n * float(fc.val_fraction)))
-            if n_val < 2 or n - n_val < 1:
-                raise DataError(
-                    f"finetune.val_fraction={fc.val_fraction} of {n} images leaves {n_val} "
-                    f"held-out and {n - n_val} training images; need at least 2 and 1"
-                )
-            val_data = self._read_val(train_data, n - n_val, n)
-            train_data = _Prefix(train_data, n - n_val)
-        self.train_data = train_data
-        self.val_images: Tensor | None = None
-        self.val_rotations: Tensor | None = None
-        self.chance_deg = float("nan")
-        if val_data is not None:
-            cap = int(fc.val_max_images) or val_data["images"].shape[0]
-            self.val_images = val_data["images"][:cap]
-            self.val_rotations = val_data["rotations"][:cap].float()
-            self.chance_deg = chance_geodesic(self.val_rotations, max_n=2048)
-        self.counts = {"labels": 0, "out_of_range": 0, "dropped": 0}
+        data = FinetuneData.from_config(cfg, train_data, val_data)
+        self.train_data, self.data_info = data.train, data.info
+        self.val_images, self.val_rotations = data.val_images, data.val_rotations
+        self.chance_deg = data.chance_deg
 
     # ----------------------------------------------------------------------- setup
 
@@ -303,14 +383,6 @@ class FinetuneTask(Task):
             return EncoderSpec.from_config(meta)
         except (ConfigError, TypeError) as exc:
             raise DataError(f"finetune.encoder: {src}: invalid encoder config ({exc})") from exc
-
-    def _read_val(self, dataset: Any, start: int, stop: int) -> dict[str, Tensor]:
-        cap = int(self.cfg.finetune.val_max_images)
-        if cap:
-            stop = min(stop, start + cap)
-        if stop - start < 2:
-            raise DataError(f"finetune: the held-out set has {stop - start} image(s); need >= 2")
-        return dataset.read_batch(list(range(start, stop)))  # contiguous: one slice per chunk
 
     # ----------------------------------------------------------------------- Task hooks
 
@@ -375,38 +447,12 @@ class FinetuneTask(Task):
         if ctx.is_main and epoch == int(fc.probe_epochs) and epoch > 0:
             ctx.accelerator.print(f"finetune: epoch {epoch}: probe done, encoder unfrozen")
 
-    def _geometry(self, R: Tensor, head, ctx: StepContext) -> tuple[GeometricParams, Tensor, int]:
-        """Draw transforms; apply the out-of-range policy. Returns (params, keep mask, count of
-        labels outside the bins before any redraw)."""
-        n = R.shape[0]
-        params = self.augment.sample_geometric(n, ctx.generator, device=R.device)
-        ok = head.in_range(compose_rotation(R, params.to(R.device)))
-        n_out = int((~ok).sum())
-        if self.policy == "resample":
-            for _ in range(int(self.cfg.finetune.resample_tries)):
-                bad = (~ok).nonzero()[:, 0]
-                if bad.numel() == 0:
-                    break
-                new = self.augment.sample_geometric(bad.numel(), ctx.generator, device=R.device)
-                params = _replace_params(params, bad.to(params.angle.device), new)
-                ok[bad] = head.in_range(compose_rotation(R[bad], new.to(R.device)))
-        return params, ok, n_out
-
     def train_step(self, model: nn.Module, batch: Mapping[str, Any], ctx: StepContext):
         raw = ctx.accelerator.unwrap_model(model)
         images, R = batch["images"], batch["rotations"].float()
-        params, ok, n_out = self._geometry(R, raw.head, ctx)
+        params, ok, n_out = self.out_of_range.draw(R, raw.head, ctx.generator)
         n = R.shape[0]
-        n_drop = int((~ok).sum())
-        if self.policy == "error" and n_drop:
-            from clerf.models.heads import euler_targets
-
-            e = euler_targets(compose_rotation(R, params.to(R.device))[~ok][:1])[0].tolist()
-            raise DataError(
-                f"finetune: {n_drop} label(s) of this batch lie outside the head's bins after "
-                f"augmentation (e.g. pitch, yaw, roll = {e[0]:.1f}, {e[1]:.1f}, {e[2]:.1f} deg); "
-                "set finetune.out_of_range=drop or resample, or narrow finetune.augment"
-            )
+        n_drop = self.out_of_range.dropped(R, params, ok)
         x, R_aug = self.augment(images, R, generator=ctx.generator, params=params)
         if ctx.train_cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -420,10 +466,8 @@ class FinetuneTask(Task):
             # Nothing to learn from, but every process must still take part in the backward.
             loss = sum(v.float().sum() for v in out.values()) * 0.0
             parts = {}
-        self.counts["labels"] += n
-        self.counts["out_of_range"] += n_out
-        self.counts["dropped"] += n_drop
-        logs = {k: float(v) for k, v in parts.items()}
+        self.out_of_range.record(n, n_out, n_drop)
+        logs: dict[str, Any] = {k: v.detach() for k, v in parts.items()}  # summed on the device
         logs.update(out_of_range=float(n_out), dropped=float(n_drop))
         return loss, logs
 
@@ -473,8 +517,8 @@ class FinetuneTask(Task):
             "epochs": summary["epochs"],
             "images_seen": summary["images_seen"],
             "world_size": summary["world_size"],
-            "out_of_range_policy": self.policy,
-            "out_of_range_counts_this_run_main_process": dict(self.counts),
+            "out_of_range_policy": self.out_of_range.policy,
+            "out_of_range_counts_this_run_main_process": dict(self.out_of_range.counts),
             "evaluation": summary["evaluation"],
             "seed": int(self.cfg.seed),
         }

@@ -143,7 +143,7 @@ def test_out_of_range_labels_are_counted_and_dropped_without_augmentation():
     loss, logs = task.train_step(model, batch, _ctx())
     assert torch.isfinite(loss)
     assert logs["out_of_range"] == expected and logs["dropped"] == expected
-    assert task.counts == {"labels": 64, "out_of_range": expected, "dropped": expected}
+    assert task.out_of_range.counts == {"labels": 64, "out_of_range": expected, "dropped": expected}
     loss.backward()  # the kept samples train the head
     assert model.head.fc.weight.grad.abs().sum() > 0
 
@@ -165,7 +165,7 @@ def test_resample_policy_redraws_the_augmentation():
     task = _binned_task(R[:32], *INPLANE_ONLY, "finetune.out_of_range=resample",
                         "finetune.augment.inplane_deg=30")
     head = task.build_model().head
-    params, ok, n_out = task._geometry(R, head, _ctx())
+    params, ok, n_out = task.out_of_range.draw(R, head, _ctx().generator)
     assert n_out / n == pytest.approx(26 / 60, abs=0.04)
     assert (~ok).float().mean().item() == pytest.approx((26 / 60) ** 4, abs=0.015)
     from clerf.augment import compose_rotation
@@ -173,7 +173,7 @@ def test_resample_policy_redraws_the_augmentation():
     torch.testing.assert_close(head.in_range(compose_rotation(R, params)), ok)
     # drop: no redraw
     task = _binned_task(R[:32], *INPLANE_ONLY, "finetune.augment.inplane_deg=30")
-    _, ok, n_out = task._geometry(R, head, _ctx())
+    _, ok, n_out = task.out_of_range.draw(R, head, _ctx().generator)
     assert int((~ok).sum()) == n_out
 
 
