@@ -15,7 +15,9 @@ DAMAGES = ("nan", "scaled", "singular", "index")
 
 def damaged_copy(src: Path, dst: Path, how: str, row: int = 5) -> Path:
     """Copy the one-file store ``src`` to ``dst`` with row ``row`` damaged as ``how`` says."""
-    from triplets import store as store_mod
+    import json
+
+    from triplets.store.schema import chunk_digest, read_attrs
 
     shutil.copy(src, dst)
     with h5py.File(dst, "r+") as f:
@@ -28,12 +30,12 @@ def damaged_copy(src: Path, dst: Path, how: str, row: int = 5) -> Path:
         R = {"nan": np.full((3, 3), np.nan), "scaled": 1.5 * R,
              "singular": np.stack([R[0], R[0], R[2]])}[how]  # fmt: skip
         f["rotations"][row] = R.astype(np.float32)
-        a = store_mod._read_attrs(f)
+        a = read_attrs(f)
         chunk, n = int(a["chunk_images"]), int(a["num_images"])
         k = row // chunk
         s0, s1 = k * chunk, min((k + 1) * chunk, n)
-        extra = sorted(store_mod.json.loads(a.get("extra_datasets", "{}")))
+        extra = sorted(json.loads(a.get("extra_datasets", "{}")))
         parts = [f["images"][s0:s1], f["rotations"][s0:s1], f["identities"][s0:s1]]
         parts += [f[e][s0:s1] for e in extra]
-        f["progress/digest"][k] = store_mod._chunk_digest(parts)
+        f["progress/digest"][k] = chunk_digest(parts)
     return dst
