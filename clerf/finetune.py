@@ -428,14 +428,9 @@ class FinetuneTask(Task):
         return groups
 
     def train_loader(self, ctx: StepContext):
-        from clerf.streaming import make_training_loader
+        from clerf.streaming import stage_loader
 
-        tc = ctx.train_cfg
-        return make_training_loader(
-            self.train_data, int(tc.batch_size), seed=ctx.seed, num_workers=int(tc.num_workers),
-            rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda",
-            device=ctx.device, what="finetune.train_store",
-        )  # fmt: skip
+        return stage_loader(self.train_data, ctx, "finetune.train_store")
 
     def on_epoch_start(self, epoch: int, model: nn.Module, ctx: StepContext) -> None:
         raw = ctx.accelerator.unwrap_model(model)

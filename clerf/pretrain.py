@@ -177,14 +177,9 @@ class PretrainTask(Task):
             raise ConfigError(f"encoder: {exc}") from exc
 
     def train_loader(self, ctx: StepContext):
-        from clerf.streaming import make_training_loader
+        from clerf.streaming import stage_loader
 
-        tc = ctx.train_cfg
-        return make_training_loader(
-            self.train_data, int(tc.batch_size), seed=ctx.seed, num_workers=int(tc.num_workers),
-            rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda",
-            device=ctx.device, what="pretrain.train_store",
-        )  # fmt: skip
+        return stage_loader(self.train_data, ctx, "pretrain.train_store")
 
     def train_step(self, model: nn.Module, batch: Mapping[str, Any], ctx: StepContext):
         x, R = self.augment.triplets(batch["images"], batch["rotations"].float(), ctx.generator)

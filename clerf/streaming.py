@@ -46,6 +46,7 @@ __all__ = [
     "build_stream",
     "held_out_labelled",
     "make_training_loader",
+    "stage_loader",
     "is_stream",
 ]
 
@@ -216,6 +217,17 @@ class _Batches(torch.utils.data.Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+
+
+def stage_loader(data: Any, ctx: Any, what: str) -> DataLoader:
+    """:func:`make_training_loader` with a training stage's ``train`` settings and process
+    (``ctx``: the loop's ``clerf.training.StepContext``)."""
+    tc = ctx.train_cfg
+    return make_training_loader(
+        data, int(tc.batch_size), seed=ctx.seed, num_workers=int(tc.num_workers),
+        rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda",
+        device=ctx.device, what=what,
+    )  # fmt: skip
 
 
 def make_training_loader(

@@ -1,4 +1,4 @@
-"""The HDF5 store (the triplets.store package): writer, resume, validation errors, readers, sampler."""
+"""The HDF5 store (triplets.store): writer, resume, validation errors, readers, sampler."""
 
 from __future__ import annotations
 
