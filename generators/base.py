@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from clerf.plugins import is_class_spec, load_class
+
 
 @dataclass
 class Rendered:
@@ -122,18 +124,8 @@ def _load_builtins() -> None:
 
 def generator_class(name: str) -> type[PoseGenerator]:
     """Look up a generator class by registry name or ``package.module:ClassName``."""
-    if ":" in name:
-        mod_name, _, cls_name = name.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ValueError(
-                f"generator '{name}': cannot import module '{mod_name}' ({exc})"
-            ) from exc
-        cls = getattr(mod, cls_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, PoseGenerator)):
-            raise ValueError(f"generator '{name}': '{cls_name}' is not a PoseGenerator subclass")
-        return cls
+    if is_class_spec(name):
+        return load_class(name, PoseGenerator, "generator")
     _load_builtins()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none"

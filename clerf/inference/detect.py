@@ -30,7 +30,6 @@ Each detector carries its mapping (:attr:`FaceDetector.box_mapping`):
 
 from __future__ import annotations
 
-import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from clerf.errors import ConfigError, DataError
+from clerf.plugins import is_class_spec, load_class
 
 __all__ = [
     "Box",
@@ -245,15 +245,8 @@ def build_detector(name: str = "haar", boxes: str | Path | None = None, **params
         return BoxesDetector.from_file(boxes)
     if name == "haar":
         return HaarDetector(**params)
-    if ":" in name:
-        mod, _, cls_name = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(mod), cls_name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"--detector {name}: cannot import it ({exc})") from exc
-        if not (isinstance(cls, type) and issubclass(cls, FaceDetector)):
-            raise ConfigError(f"--detector {name}: not a clerf.inference.detect.FaceDetector")
-        return cls(**params)
+    if is_class_spec(name):
+        return load_class(name, FaceDetector, "--detector")(**params)
     raise ConfigError(f"unknown detector '{name}' (known: haar, or package.module:ClassName; "
                       "user boxes with --boxes FILE)")
 
