@@ -52,7 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clerf.config import AugmentConfig
+from clerf.config import AugmentConfig, check_augment
+from clerf.errors import ConfigError
 from clerf.geometry import hflip_rotation, inplane_image_matrix, rotate_inplane, vflip_rotation
 
 __all__ = [
@@ -69,7 +70,6 @@ __all__ = [
 
 #: defaults: those of ``clerf.config.AugmentConfig`` (the one source)
 DEFAULTS: dict[str, Any] = asdict(AugmentConfig())
-_PADDING = ("zeros", "border", "reflection")
 
 
 @dataclass
@@ -248,7 +248,7 @@ class PoseAugment(nn.Module):
 
     Args:
         cfg: an ``augment`` config section (``clerf.config.AugmentConfig``) or a dict; missing
-            keys take :data:`DEFAULTS`.
+            keys take :data:`DEFAULTS`; a bad value is a ``ConfigError`` naming ``section.key``.
         output_size: side of the square output images (the encoder's ``input_size``).
 
     Example:
@@ -260,46 +260,21 @@ class PoseAugment(nn.Module):
         ((4, 3, 32, 32), torch.float32, (4, 3, 3))
     """
 
-    def __init__(self, cfg: Mapping[str, Any] | None = None, output_size: int = 64) -> None:
+    def __init__(self, cfg: Mapping[str, Any] | None = None, output_size: int = 64,
+                 section: str = "augment") -> None:  # fmt: skip
         super().__init__()
         merged = dict(DEFAULTS)
         if cfg is not None:
             unknown = set(cfg) - set(DEFAULTS)
             if unknown:
-                raise ValueError(f"augment: unknown keys {sorted(unknown)}")
+                raise ConfigError(f"{section}: unknown keys {sorted(unknown)}")
             for k, v in cfg.items():
                 # OmegaConf ListConfig -> list; scalars as they are
                 merged[k] = list(v) if not isinstance(v, (str, bytes)) and hasattr(v, "__iter__") \
                     else v
         self.cfg = merged
         self.output_size = int(output_size)
-        self._validate()
-
-    def _validate(self) -> None:
-        c = self.cfg
-        for key in ("p_inplane", "p_hflip", "p_vflip", "p_grayscale", "p_blur", "p_noise"):
-            if not 0.0 <= float(c[key]) <= 1.0:
-                raise ValueError(f"augment.{key}: expected a probability in [0, 1], got {c[key]}")
-        if not 0.0 <= float(c["inplane_deg"]) <= 180.0:
-            raise ValueError(f"augment.inplane_deg: expected 0..180, got {c['inplane_deg']}")
-        lo, hi = (float(v) for v in c["scale"])
-        if not 0 < lo <= hi:
-            raise ValueError(f"augment.scale: expected [low, high] with 0 < low <= high, "
-                             f"got {c['scale']}")  # fmt: skip
-        if not 0.0 <= float(c["translate"]) <= 0.5:
-            raise ValueError(f"augment.translate: expected 0..0.5, got {c['translate']}")
-        if c["padding"] not in _PADDING:
-            raise ValueError(f"augment.padding: expected one of {_PADDING}, got {c['padding']}")
-        for key in ("brightness", "contrast", "saturation"):
-            if not 0.0 <= float(c[key]) < 1.0:
-                raise ValueError(f"augment.{key}: expected 0 <= value < 1, got {c[key]}")
-        if not 0.0 <= float(c["hue"]) <= 0.5:
-            raise ValueError(f"augment.hue: expected 0..0.5 (a fraction of a turn), got {c['hue']}")
-        slo, shi = (float(v) for v in c["blur_sigma"])
-        if not 0 < slo <= shi:
-            raise ValueError(f"augment.blur_sigma: expected [low, high] > 0, got {c['blur_sigma']}")
-        if float(c["noise_std"]) < 0:
-            raise ValueError(f"augment.noise_std: expected >= 0, got {c['noise_std']}")
+        check_augment(self.cfg, section)  # the config's own checks (ConfigError naming the key)
 
     # ----------------------------------------------------------------------- sampling
 

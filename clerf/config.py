@@ -449,6 +449,106 @@ class ExperimentConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
+# --------------------------------------------------------------------------- checks
+
+
+#: enumerated values of the config (one definition; the stages read them from here)
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+PADDINGS = ("zeros", "border", "reflection")
+EVALUATE_PROTOCOLS = ("standard", "rotated", "flipped", "full_range")
+
+
+def _need(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
+
+def check_train(tc: Any, path: str = "train") -> None:
+    """A ``train`` section (:class:`TrainConfig`); errors name ``path.key``."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        _need(ok, f"{path}.{key}", what, tc[key])
+
+    need(tc["epochs"] >= 1 or tc["max_steps"] >= 1, "epochs",
+         "an integer >= 1 (or max_steps >= 1)")  # fmt: skip
+    need(tc["max_steps"] >= 0, "max_steps", "an integer >= 0")
+    need(tc["batch_size"] >= 1, "batch_size", "an integer >= 1")
+    need(tc["grad_accum"] >= 1, "grad_accum", "an integer >= 1")
+    need(tc["lr"] > 0, "lr", "a positive number")
+    need(tc["weight_decay"] >= 0, "weight_decay", "a number >= 0")
+    need(tc["warmup_steps"] >= 0, "warmup_steps", "an integer >= 0")
+    need(0 <= tc["min_lr_ratio"] <= 1, "min_lr_ratio", "a number in [0, 1]")
+    need(tc["mixed_precision"] in MIXED_PRECISIONS, "mixed_precision", "'no', 'fp16' or 'bf16'")
+    need(tc["optimizer"] in OPTIMIZERS, "optimizer", "'adamw' or 'sgd'")
+    need(tc["schedule"] in SCHEDULES, "schedule", "'cosine', 'linear' or 'constant'")
+    need(tc["keep_checkpoints"] >= 1, "keep_checkpoints", "an integer >= 1")
+    need(tc["num_workers"] >= 0, "num_workers", "an integer >= 0")
+    need(tc["checkpoint_every"] >= 0, "checkpoint_every", "an integer >= 0")
+    need(tc["checkpoint_epochs"] >= 0, "checkpoint_epochs", "an integer >= 0")
+
+
+def check_augment(c: Any, path: str = "augment") -> None:
+    """An ``augment`` section (:class:`AugmentConfig`, or a dict with all its keys)."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        _need(ok, f"{path}.{key}", what, c[key])
+
+    for key in ("p_inplane", "p_hflip", "p_vflip", "p_grayscale", "p_blur", "p_noise"):
+        need(0.0 <= float(c[key]) <= 1.0, key, "a probability in [0, 1]")
+    need(0.0 <= float(c["inplane_deg"]) <= 180.0, "inplane_deg", "0..180")
+    lo, hi = (float(v) for v in c["scale"])
+    need(0 < lo <= hi, "scale", "[low, high] with 0 < low <= high")
+    need(0.0 <= float(c["translate"]) <= 0.5, "translate", "0..0.5")
+    need(c["padding"] in PADDINGS, "padding", f"one of {PADDINGS}")
+    for key in ("brightness", "contrast", "saturation"):
+        need(0.0 <= float(c[key]) < 1.0, key, "0 <= value < 1")
+    need(0.0 <= float(c["hue"]) <= 0.5, "hue", "0..0.5 (a fraction of a turn)")
+    slo, shi = (float(v) for v in c["blur_sigma"])
+    need(0 < slo <= shi, "blur_sigma", "[low, high] > 0")
+    need(float(c["noise_std"]) >= 0, "noise_std", ">= 0")
+
+
+def check_evaluate(e: Any, path: str = "evaluate") -> None:
+    """An ``evaluate`` section (:class:`EvaluateConfig`)."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        _need(ok, f"{path}.{key}", what, e[key])
+
+    need(e["batch_size"] > 0, "batch_size", "an integer > 0")
+    need(len(e["protocols"]) > 0, "protocols", "at least one protocol")
+    for p in e["protocols"]:
+        if p not in EVALUATE_PROTOCOLS:
+            raise ConfigError(f"{path}.protocols: unknown protocol '{p}' "
+                              f"(known: {', '.join(EVALUATE_PROTOCOLS)})")  # fmt: skip
+    need(len(set(e["protocols"])) == len(e["protocols"]), "protocols", "no duplicates")
+    need(0 < e["euler_range_deg"] <= 180, "euler_range_deg", "a number in (0, 180]")
+    need(e["model_batch"] > 0, "model_batch", "an integer > 0")
+    need(e["max_samples"] >= 0, "max_samples", "an integer >= 0")
+
+
+#: the checks of each section type, run wherever such a section appears
+SECTION_CHECKS = {TrainConfig: check_train, AugmentConfig: check_augment,
+                  EvaluateConfig: check_evaluate}  # fmt: skip
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Run every section's checks with its dotted path (once, when a config is loaded or
+    derived; the stages rely on it)."""
+
+    def walk(node: DictConfig, path: str) -> None:
+        check = SECTION_CHECKS.get(OmegaConf.get_type(node))  # type: ignore[arg-type]
+        if check is not None:
+            check(node, path or "config")
+        for key in node:
+            value = node._get_node(key)
+            if isinstance(value, DictConfig):
+                walk(value, f"{path}.{key}" if path else str(key))
+
+    walk(cfg, "")
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -539,6 +639,7 @@ def load_config(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, str(path or "config"))) from exc
+    check_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

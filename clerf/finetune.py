@@ -320,7 +320,8 @@ class FinetuneTask(Task):
         self.encoder_spec = self._encoder_spec()
         self.input_size = int(self.encoder_spec.input_size)
         try:
-            self.augment = PoseAugment(fc.augment, output_size=self.input_size)
+            self.augment = PoseAugment(fc.augment, output_size=self.input_size,
+                                       section="finetune.augment")  # fmt: skip
         except ValueError as exc:
             raise ConfigError(f"finetune: {exc}") from exc
         self.out_of_range = OutOfRangePolicy(str(fc.out_of_range), int(fc.resample_tries),

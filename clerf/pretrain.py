@@ -126,7 +126,8 @@ class PretrainTask(Task):
         pc = cfg.pretrain
         self.input_size = int(cfg.encoder.input_size)
         try:
-            self.augment = PoseAugment(pc.augment, output_size=self.input_size)
+            self.augment = PoseAugment(pc.augment, output_size=self.input_size,
+                                       section="pretrain.augment")  # fmt: skip
             self.loss = build_loss(pc.loss)
         except ValueError as exc:
             raise ConfigError(f"pretrain: {exc}") from exc

@@ -62,7 +62,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from clerf.config import config_differences, provenance, save_resolved, to_dict
+from clerf.config import check_train, config_differences, provenance, save_resolved, to_dict
 from clerf.errors import ConfigError, DataError, TrainingDiverged
 from clerf.files import write_text_atomic
 
@@ -660,7 +660,7 @@ class Trainer:
             raise ConfigError(f"training: config has no '{section}.train' section")
         self.task, self.cfg, self.section = task, cfg, section
         self.tc = tc = cfg[section].train
-        _validate_train_cfg(tc, section)
+        check_train(tc, f"{section}.train")  # as load_config does (derived configs too)
         self.out = out = Path(out)
         self.trackers = ["tensorboard"] if (tc.tensorboard and _tensorboard_available()) else None
         self.accelerator = Accelerator(
@@ -920,26 +920,3 @@ def _flat_numbers(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(v, (int, float, str, bool)):
             flat[f"{prefix}{k}"] = v
     return flat
-
-
-def _validate_train_cfg(tc: DictConfig, section: str) -> None:
-    def need(cond: bool, key: str, what: str) -> None:
-        if not cond:
-            raise ConfigError(f"{section}.train.{key}: expected {what}, got {tc[key]!r}")
-
-    need(tc.epochs >= 1 or tc.max_steps >= 1, "epochs", "an integer >= 1 (or max_steps >= 1)")
-    need(tc.max_steps >= 0, "max_steps", "an integer >= 0")
-    need(tc.batch_size >= 1, "batch_size", "an integer >= 1")
-    need(tc.grad_accum >= 1, "grad_accum", "an integer >= 1")
-    need(tc.lr > 0, "lr", "a positive number")
-    need(tc.weight_decay >= 0, "weight_decay", "a number >= 0")
-    need(tc.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
-    need(0 <= tc.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
-    need(tc.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "'no', 'fp16' or 'bf16'")
-    need(tc.optimizer in ("adamw", "sgd"), "optimizer", "'adamw' or 'sgd'")
-    need(tc.schedule in ("cosine", "linear", "constant"), "schedule",
-         "'cosine', 'linear' or 'constant'")  # fmt: skip
-    need(tc.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
-    need(tc.num_workers >= 0, "num_workers", "an integer >= 0")
-    need(tc.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
-    need(tc.checkpoint_epochs >= 0, "checkpoint_epochs", "an integer >= 0")

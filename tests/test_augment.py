@@ -205,8 +205,10 @@ def test_to_float_images_rejects_bad_shapes():
      ({"nonsense": 1}, "unknown")],
 )  # fmt: skip
 def test_bad_config_names_the_key(bad, key):
-    with pytest.raises(ValueError, match=key):
-        PoseAugment(bad, output_size=32)
+    from clerf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"finetune.augment.*{key}"):
+        PoseAugment(bad, output_size=32, section="finetune.augment")
 
 
 def test_accepts_the_config_section():

@@ -131,3 +131,18 @@ def test_first_difference_names_the_key_and_ignores_display_keys():
         [("x.progress", True, False)]  # only ignored when asked
     assert first_difference(a, {"x": {"lr": 2.0, "progress": True}, "seed": 0}, DISPLAY_KEYS) == \
         "x.lr: 1.0 then, 2.0 now"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.train.lr=0", "finetune.train.lr: expected a positive number"),
+    ("pretrain.train.schedule=step", "pretrain.train.schedule: expected 'cosine'"),
+    ("pretrain.augment.p_hflip=2", "pretrain.augment.p_hflip: expected a probability"),
+    ("finetune.augment.padding=wrap", "finetune.augment.padding: expected one of"),
+    ("evaluate.protocols=[fly]", "evaluate.protocols: unknown protocol 'fly'"),
+    ("evaluate.model_batch=0", "evaluate.model_batch: expected an integer > 0"),
+])  # fmt: skip
+def test_every_section_is_checked_once_when_loaded_naming_its_path(override, message):
+    from clerf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/quickstart.yaml", [override])

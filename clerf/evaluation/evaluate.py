@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clerf.config import EvaluateConfig
+from clerf.config import EvaluateConfig, check_evaluate
 from clerf.errors import ConfigError, DataError
 from clerf.evaluation.metrics import SampleErrors, compute_errors, merge, summarize
 from clerf.evaluation.protocols import (
-    PROTOCOLS,
     EvalSource,
     GeneratorSource,
     StoreSource,
@@ -67,23 +66,8 @@ class EvaluateOptions(EvaluateConfig):
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def check(self) -> None:
-        if self.batch_size <= 0:
-            raise ConfigError(f"evaluate.batch_size must be > 0, got {self.batch_size}")
-        if not self.protocols:
-            raise ConfigError("evaluate.protocols: give at least one protocol")
-        for p in self.protocols:
-            if p not in PROTOCOLS:
-                raise ConfigError(f"unknown protocol '{p}' (known: {', '.join(PROTOCOLS)})")
-        if len(set(self.protocols)) != len(self.protocols):
-            raise ConfigError(f"evaluate.protocols: duplicates in {self.protocols}")
-        if not 0 < self.euler_range_deg <= 180:
-            raise ConfigError(
-                f"evaluate.euler_range_deg must be in (0, 180], got {self.euler_range_deg}"
-            )
-        if self.model_batch <= 0:
-            raise ConfigError(f"evaluate.model_batch must be > 0, got {self.model_batch}")
-        if self.max_samples < 0:
-            raise ConfigError(f"evaluate.max_samples must be >= 0, got {self.max_samples}")
+        """The ``evaluate`` section's checks (:func:`clerf.config.check_evaluate`)."""
+        check_evaluate(asdict(self))
 
 
 # --------------------------------------------------------------------------- core loop

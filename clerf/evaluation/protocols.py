@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from clerf.augment import GeometricParams, compose_rotation, warp_images
-from clerf.config import EvaluateConfig
+from clerf.config import EVALUATE_PROTOCOLS, EvaluateConfig
 from clerf.errors import ConfigError
 from clerf.geometry import check_rotation, random_rotation
 
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: protocol names accepted by ``--protocol``
-PROTOCOLS: tuple[str, ...] = ("standard", "rotated", "flipped", "full_range")
+PROTOCOLS: tuple[str, ...] = EVALUATE_PROTOCOLS  # the config's enumeration
 #: the default in-plane sweep (degrees, clockwise on screen)
 DEFAULT_ROTATED_ANGLES: tuple[float, ...] = tuple(EvaluateConfig().rotated_angles)
 
