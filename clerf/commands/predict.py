@@ -34,13 +34,15 @@ def register(subparsers, parents) -> None:
     p.add_argument("--box-shift", type=float, metavar="DY",
                    help="detector box -> landmark box downward shift, fraction of the box "
                    "height (Haar: 0.15; --boxes: 0)")
-    p.add_argument("--angle-step", type=float, default=15.0, metavar="DEG",
+    p.add_argument("--angle-step", type=float, metavar="DEG",
                    help="find faces at any in-plane angle: run the detector on the image turned "
-                   "by every DEG degrees (must divide 360; 0 = upright only; default 15)")
+                   "by every DEG degrees (must divide 360; 0 = upright only; default 15 for "
+                   "haar, 0 for a plug-in detector)")
     p.add_argument("--no-profile", action="store_true",
                    help="haar: skip the (mirrored) profile cascade")
     p.add_argument("--no-verify", action="store_true",
-                   help="keep every candidate (no eye / profile check of the detections)")
+                   help="haar: keep every candidate (no eye / profile check of the detections; "
+                   "plug-in detectors are never checked)")
     p.add_argument("--max-side", type=int, default=0, metavar="PX",
                    help="run the face search on a copy scaled to at most PX pixels on its longer "
                    "side (faster; 0 = full size)")
@@ -57,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from clerf.errors import UsageError
-    from clerf.inference.detect import BoxMapping, build_detector
+    from clerf.inference.detect import BoxMapping, HaarDetector, build_detector
     from clerf.inference.model import load_pose_model
     from clerf.inference.predict import run_predict
-    from clerf.inference.search import build_search_detector
+    from clerf.inference.search import RotationSearch, build_search_detector, search_angles
 
     if args.max_frames < 0:
         raise UsageError(f"--max-frames must be >= 0, got {args.max_frames}")
@@ -72,9 +74,13 @@ def run(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     detector = build_detector(args.detector, boxes=args.boxes)
-    if args.boxes is None:
-        detector = build_search_detector(detector, args.angle_step, profile=not args.no_profile,
+    if args.boxes is None and isinstance(detector, HaarDetector):
+        step = 15.0 if args.angle_step is None else args.angle_step
+        detector = build_search_detector(detector, step, profile=not args.no_profile,
                                          verify=not args.no_verify, max_side=args.max_side)
+    elif args.boxes is None and args.angle_step:  # a plug-in, searched when asked
+        detector = RotationSearch(detector, search_angles(args.angle_step), verify=False,
+                                  max_side=args.max_side)
     mapping = None
     if args.box_scale is not None or args.box_shift is not None:
         base = detector.box_mapping

@@ -259,20 +259,37 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 
 def count_eyes(image: np.ndarray, box: Box, min_neighbors: int = 3) -> int:
-    """Eyes found by OpenCV's eye cascade in the upper 60 % of the box's upright crop."""
+    """Eyes found by OpenCV's eye cascades (plain and with glasses) in the upper 60 % of the
+    box's upright crop (scaled to 240 px wide): 2 when
+    two of them form a plausible pair (side by side: vertical offset under 0.12 of the box,
+    horizontal distance 0.2 - 0.65 of it, sizes within a factor 1.6), else 0 or 1."""
+    import cv2
+
     x0, y0 = int(round(box.x)), int(round(box.y))
     crop = upright_crop(image, box, (x0, y0, x0 + int(round(box.w)),
                                      y0 + int(round(0.6 * box.h))))
-    side = max(8, int(round(box.w / 10)))
-    big = max(side + 1, int(box.w / 2))
-    eyes = _cascade("haarcascade_eye.xml").detectMultiScale(
+    w = 240.0  # the crop at a fixed scale: the eye cascade is unreliable on small eyes
+    crop = cv2.resize(crop, (240, max(1, round(240 * crop.shape[0] / crop.shape[1]))),
+                      interpolation=cv2.INTER_LINEAR)
+    side, big = 24, 80
+    eyes = np.concatenate([np.asarray(_cascade(name).detectMultiScale(
         _gray(crop), 1.1, min_neighbors, minSize=(side, side), maxSize=(big, big))
-    return len(eyes)
+    ).reshape(-1, 4).astype(np.float64) for name in ("haarcascade_eye.xml",
+                                                     "haarcascade_eye_tree_eyeglasses.xml")])
+    for i in range(len(eyes)):
+        for j in range(i + 1, len(eyes)):
+            (xa, ya, sa, _), (xb, yb, sb, _) = eyes[i], eyes[j]
+            dx = abs((xa + sa / 2) - (xb + sb / 2))
+            dy = abs((ya + sa / 2) - (yb + sb / 2))
+            if dy < 0.12 * w and 0.2 * w < dx < 0.65 * w and max(sa, sb) < 1.6 * min(sa, sb):
+                return 2
+    return min(len(eyes), 1)
 
 
-def profile_support(image: np.ndarray, box: Box, offsets: Sequence[float] = (-10, -5, 0, 5, 10),
-                    min_neighbors: int = 5
-                    ) -> int:
+def profile_support(image: np.ndarray, box: Box,
+                    offsets: Sequence[float] = (-15, -10, -5, 0, 5, 10, 15),
+                    min_neighbors: int = 5, cascade: str = "haarcascade_profileface.xml",
+                    mirror: bool = True) -> int:
     """At how many of the small extra turns ``offsets`` the profile cascade (image or mirror)
     finds a face near the box centre in its upright crop (1.6 x the box, for context)."""
     from clerf.data.crop import resize_square
@@ -286,8 +303,8 @@ def profile_support(image: np.ndarray, box: Box, offsets: Sequence[float] = (-10
         crop = _gray(resize_square(np.ascontiguousarray(crop), 160, "stretch")
                      if crop.ndim == 3 else crop)
         hit = False
-        for g in (crop, np.ascontiguousarray(crop[:, ::-1])):
-            for x, y, w, h in np.asarray(_cascade("haarcascade_profileface.xml").detectMultiScale(
+        for g in (crop, np.ascontiguousarray(crop[:, ::-1])) if mirror else (crop,):
+            for x, y, w, h in np.asarray(_cascade(cascade).detectMultiScale(
                     g, 1.1, min_neighbors, minSize=(60, 60))).reshape(-1, 4):
                 hit |= abs(x + w / 2 - 80) < 25 and abs(y + h / 2 - 80) < 25
         n += hit
@@ -295,10 +312,33 @@ def profile_support(image: np.ndarray, box: Box, offsets: Sequence[float] = (-10
 
 
 def is_face(image: np.ndarray, box: Box) -> bool:
-    """The verification of a candidate (measured in tests/test_search.py): two eyes in its
-    upright crop (frontal faces), or the profile cascade agreeing at all 5 small extra turns of
-    :func:`profile_support` (profile faces show one eye, which the eye cascade rarely finds)."""
-    return count_eyes(image, box) >= 2 or profile_support(image, box) >= 5
+    """The verification of a candidate (figures in docs/evaluate_predict_export.md): a frontal
+    face shows a pair of eyes in its upright crop (:func:`count_eyes`) **and** the frontal
+    cascade fires again on that crop at >= 5 of 7 small extra turns; a profile face (one eye,
+    which the eye cascade rarely finds) needs the profile cascade at >= 5 of 7 such turns
+    (:func:`profile_support`)."""
+    if count_eyes(image, box) >= 2 and profile_support(
+            image, box, cascade="haarcascade_frontalface_default.xml", mirror=False) >= 5:
+        return True
+    return profile_support(image, box) >= 5
+
+
+def _drop_enclosing(boxes: Sequence[Box]) -> list[Box]:
+    """Drop a box that holds the centre of a face less than half its size (a cascade often
+    also fires on a large window around a face)."""
+    out = []
+    for b in boxes:
+        A = turn_matrix(b.angle)
+        c = np.array([b.x + b.w / 2, b.y + b.h / 2])
+        inner = False
+        for o in boxes:
+            if o is b or o.w * 1.8 > b.w:
+                continue
+            u = A.T @ (np.array([o.x + o.w / 2, o.y + o.h / 2]) - c)  # in b's upright frame
+            inner |= abs(u[0]) < b.w / 2 and abs(u[1]) < b.h / 2
+        if not inner:
+            out.append(b)
+    return out
 
 
 class RotationSearch(FaceDetector):
@@ -356,7 +396,7 @@ class RotationSearch(FaceDetector):
         self.last_angles_tried = len(angles)
         kept = [_cluster_angle(k, found) for k in nms_rotated(found, self.iou)]
         if self.verify:
-            kept = [b for b in kept if is_face(image, b)]
+            kept = _drop_enclosing([b for b in kept if is_face(image, b)])
         return sorted(kept, key=lambda b: (b.x, b.y))
 
     def detect(self, image: np.ndarray, source: str = "", frame: int | None = None) -> list[Box]:
