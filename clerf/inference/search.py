@@ -51,6 +51,7 @@ __all__ = [
     "count_eyes",
     "profile_support",
     "is_face",
+    "skin_fraction",
     "ProfileHaarDetector",
     "UnionDetector",
     "RotationSearch",
@@ -311,12 +312,36 @@ def profile_support(image: np.ndarray, box: Box,
     return n
 
 
+def skin_fraction(image: np.ndarray, box: Box) -> float:
+    """Share of skin-coloured pixels (YCrCb: Cr 133-173, Cb 77-127, a common rule) in the
+    central half of the box's upright crop."""
+    import cv2
+
+    x0, y0 = int(round(box.x + 0.25 * box.w)), int(round(box.y + 0.25 * box.h))
+    c = upright_crop(image, box, (x0, y0, x0 + max(1, int(round(0.5 * box.w))),
+                                  y0 + max(1, int(round(0.5 * box.h)))))
+    ycc = cv2.cvtColor(np.ascontiguousarray(c), cv2.COLOR_RGB2YCrCb)
+    m = (ycc[..., 1] >= 133) & (ycc[..., 1] <= 173) & (ycc[..., 2] >= 77) & (ycc[..., 2] <= 127)
+    return float(m.mean())
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """Whether a photo is (nearly) grey: its channels differ by under 2 levels on average."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        return True
+    sub = image[::4, ::4].astype(np.int16)
+    return float(np.abs(sub - sub.mean(axis=2, keepdims=True)).mean()) < 2.0
+
+
 def is_face(image: np.ndarray, box: Box) -> bool:
     """The verification of a candidate (figures in docs/evaluate_predict_export.md): a frontal
     face shows a pair of eyes in its upright crop (:func:`count_eyes`) **and** the frontal
     cascade fires again on that crop at >= 5 of 7 small extra turns; a profile face (one eye,
     which the eye cascade rarely finds) needs the profile cascade at >= 5 of 7 such turns
-    (:func:`profile_support`)."""
+    (:func:`profile_support`). In a colour photo, at least 40 % of the central half of the box
+    must also be skin-coloured (:func:`skin_fraction`; grey photos skip this)."""
+    if not is_grey(image) and skin_fraction(image, box) < 0.4:
+        return False
     if count_eyes(image, box) >= 2 and profile_support(
             image, box, cascade="haarcascade_frontalface_default.xml", mirror=False) >= 5:
         return True
