@@ -57,6 +57,8 @@ def register(subparsers, parents) -> None:
     p.add_argument("--angle-step", type=float, default=15.0, metavar="DEG",
                    help="--consistency on photos: the face search step of clerf predict "
                    "(default 15; 0 = upright only)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="--consistency on photos: clerf predict's --refine (default 0)")
     p.add_argument("--cpu", action="store_true", help="force the CPU")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
@@ -107,12 +109,15 @@ def run_consistency_command(args: argparse.Namespace) -> int:
 
     if args.data or args.protocol:
         raise UsageError("--consistency replaces --data/--protocol: give one or the other")
+    if args.refine < 0:
+        raise UsageError(f"--refine must be >= 0, got {args.refine}")
     if not args.crops:
         search_angles(args.angle_step)  # a bad step fails before any model is loaded
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     turns = args.angles if args.angles is not None else DEFAULT_TURNS
     run_consistency(args.models, args.consistency, args.out, names=args.name, turns=turns,
                     crops=args.crops, device=device, figures=not args.no_figures,
+                    refine=args.refine,
                     detector_factory=lambda: build_search_detector(HaarDetector(),
                                                                    args.angle_step))
     print(f"evaluate: consistency report in {args.out}/consistency.md")

@@ -232,7 +232,7 @@ def _figure(results: list[dict[str, Any]], views: Sequence[ConsistencyView], pat
 def run_consistency(models: Sequence[str], inputs: Sequence[str], out: str | Path,
                     names: Sequence[str] | None = None, turns: Sequence[float] = DEFAULT_TURNS,
                     crops: bool = False, detector_factory: Callable[[], Any] | None = None,
-                    device: str = "cpu", figures: bool = True,
+                    device: str = "cpu", figures: bool = True, refine: int = 0,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """The protocol for every model; writes ``consistency.json``, ``consistency.md``,
     ``consistency_rows.csv`` and ``consistency.png`` into ``out``.
@@ -267,7 +267,7 @@ def run_consistency(models: Sequence[str], inputs: Sequence[str], out: str | Pat
         else:
             if detector_factory is None:
                 raise ConfigError("consistency on photos needs a detector")
-            predictor = FacePredictor(model, detector_factory())
+            predictor = FacePredictor(model, detector_factory(), refine=refine)
             rows, faces = [], 0
             for src, im in images:
                 r = photo_disagreements(predictor, im, views, src)
@@ -282,8 +282,9 @@ def run_consistency(models: Sequence[str], inputs: Sequence[str], out: str | Pat
         log(f"consistency: {name}: {faces} face(s); turns mean {_fmt(s['mean'])} deg, "
             f"median {_fmt(s['median'])}, p90 {_fmt(s['p90'])}; flips mean "
             f"{_fmt(summary['flips']['mean'])} deg")
-    report = {"mode": "crops" if crops else "photos", "inputs": [n for n, _ in images],
-              "views": [v.__dict__ for v in views], "models": results}
+    report = {"mode": "crops" if crops else "photos", "refine": refine,
+              "inputs": [n for n, _ in images], "views": [v.__dict__ for v in views],
+              "models": results}
     (out / "consistency.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "consistency.md").write_text(_markdown(results, views))
     with (out / "consistency_rows.csv").open("w", newline="") as fh:
