@@ -159,8 +159,8 @@ def test_astronaut_found_at_every_15_deg_and_mirrored(search, astronaut):
     mirrored = np.ascontiguousarray(astronaut[:, ::-1])
     for angle in (0.0, 135.0):
         false += _check_found(search, mirrored, angle, (512 - x - w, y, w, h))
-    # measured: FALSE_FACES false faces elsewhere in these 26 photos (docs)
-    assert false <= FALSE_FACES
+    # measured: 5 false faces elsewhere in these 26 photos (at 15, 75, 165, 330, 345 deg; docs)
+    assert false <= 5
 
 
 @pytest.mark.parametrize("angle", [0.0, pytest.param(120.0, marks=pytest.mark.slow)])

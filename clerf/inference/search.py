@@ -350,17 +350,22 @@ def is_face(image: np.ndarray, box: Box) -> bool:
 
 def _drop_enclosing(boxes: Sequence[Box]) -> list[Box]:
     """Drop a box that holds the centre of a face less than half its size (a cascade often
-    also fires on a large window around a face)."""
+    also fires on a large window around a face), or whose centre lies inside a box with a
+    higher score (the same face found again at a distant angle)."""
     out = []
     for b in boxes:
         A = turn_matrix(b.angle)
         c = np.array([b.x + b.w / 2, b.y + b.h / 2])
         inner = False
         for o in boxes:
-            if o is b or o.w * 1.8 > b.w:
+            if o is b:
                 continue
-            u = A.T @ (np.array([o.x + o.w / 2, o.y + o.h / 2]) - c)  # in b's upright frame
-            inner |= abs(u[0]) < b.w / 2 and abs(u[1]) < b.h / 2
+            if o.w * 1.8 <= b.w:
+                u = A.T @ (np.array([o.x + o.w / 2, o.y + o.h / 2]) - c)  # in b's frame
+                inner |= abs(u[0]) < b.w / 2 and abs(u[1]) < b.h / 2
+            if (o.score or 0.0) > (b.score or 0.0):  # b's centre inside a better face
+                u = turn_matrix(o.angle).T @ (c - np.array([o.x + o.w / 2, o.y + o.h / 2]))
+                inner |= abs(u[0]) < o.w / 2 and abs(u[1]) < o.h / 2
         if not inner:
             out.append(b)
     return out
