@@ -13,6 +13,8 @@ Sections (see ``benchmarks/README.md`` for what each figure means):
 * ``store``: HDF5 triplet store write/read images/s and MB per 1,000 triplets (bench_store.py)
 * ``export``: onnxruntime vs torch eager latency and throughput (bench_export.py)
 * ``prepare``: real-data conversion images/s on a generated 300W-LP-like tree (bench_prepare.py)
+* ``detect``: face search at any in-plane angle, ms per 640 x 480 photo and detection rate per
+  angle step, video frames/s with and without tracking (bench_detect.py)
 * ``pipeline``: wall time of ``clerf pipeline configs/quickstart.yaml --out TMP`` end to end,
   measured here in a subprocess (what a user waits for, interpreter start-up included)
 
@@ -51,7 +53,7 @@ if str(BENCH) not in sys.path:  # the bench_* modules, when imported from elsewh
     sys.path.insert(0, str(BENCH))
 
 SECTIONS = ("generator", "input_pipeline", "streaming", "photometric", "store", "export",
-            "prepare", "pipeline")
+            "prepare", "detect", "pipeline")
 
 #: the quickstart made tiny for --quick (same config and stages, 32 px, a few steps per stage)
 QUICK_PIPELINE = [
@@ -216,6 +218,26 @@ def sec_prepare(o: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def sec_detect(o: argparse.Namespace) -> list[Row]:
+    import bench_detect
+
+    argv = ["--steps", "0", "90", "--test-step", "90", "--repeats", "1", "--frames", "3"] \
+        if o.quick else []
+    r = bench_detect.main(argv)
+    rows = []
+    for x in r["rows"]:
+        rows += [
+            Row("detect", f"face search, step {x['step']:g} deg, 640x480", x["ms"], "ms"),
+            Row("detect", f"face found, step {x['step']:g} deg ({r['turns']} turns)",
+                100 * x["rate"], "%"),
+        ]  # fmt: skip
+    rows += [
+        Row("detect", "video, full search every frame", r["video_full_fps"], "fps"),
+        Row("detect", "video, previous faces searched first", r["video_tracked_fps"], "fps"),
+    ]  # fmt: skip
+    return rows
+
+
 def sec_pipeline(o: argparse.Namespace) -> list[Row]:
     """``clerf pipeline configs/quickstart.yaml`` in a subprocess, timed end to end."""
     overrides = list(QUICK_PIPELINE) if o.quick else []
@@ -254,6 +276,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "store": sec_store,
     "export": sec_export,
     "prepare": sec_prepare,
+    "detect": sec_detect,
     "pipeline": sec_pipeline,
 }
 

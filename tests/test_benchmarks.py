@@ -50,6 +50,12 @@ QUICK_FIGURES = [
     ("export", "max abs difference of R, onnxruntime vs torch, batch 8", ""),
     ("prepare", "scan 300W-LP tree (labels + header check)", "img/s"),
     ("prepare", "prepare 300wlp, 64 px, 0 workers", "img/s"),
+    *[row for step in ("0", "90") for row in (
+        ("detect", f"face search, step {step} deg, 640x480", "ms"),
+        ("detect", f"face found, step {step} deg (4 turns)", "%"),
+    )],
+    ("detect", "video, full search every frame", "fps"),
+    ("detect", "video, previous faces searched first", "fps"),
     ("pipeline", "quickstart (tiny), end to end", "s"),
     # the quickstart streams its fine-tune data and has no pretrain stage
     *[("pipeline", f"stage {s}", "s") for s in ("generate", "finetune", "evaluate")],
@@ -113,7 +119,7 @@ def test_run_all_quick_prints_every_figure_numeric(tmp_path):
 
 def test_skip_everything_prints_an_empty_table_and_bad_names_fail(tmp_path):
     names = ["generator", "input_pipeline", "streaming", "photometric", "store", "export",
-             "prepare", "pipeline"]
+             "prepare", "detect", "pipeline"]
     proc = subprocess.run([sys.executable, str(RUN_ALL), "--quick", "--skip", *names],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -47,6 +47,18 @@ def register(subparsers, parents) -> None:
     p.add_argument("--config", help="experiment YAML whose 'evaluate' section is used")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set evaluate.full_range_seed=3 (repeatable)")
+    p.add_argument("--consistency", nargs="+", metavar="IMAGE",
+                   help="label-free consistency protocol on these photos or folders instead of "
+                   "a store: predictions on turned (--angles, default every 15 deg) and mirrored "
+                   "copies composed back and compared with the original's (geodesic "
+                   "disagreement); writes OUT/consistency.{json,md,png}")
+    p.add_argument("--crops", action="store_true",
+                   help="--consistency: the images are face crops (no detector)")
+    p.add_argument("--angle-step", type=float, default=15.0, metavar="DEG",
+                   help="--consistency on photos: the face search step of clerf predict "
+                   "(default 15; 0 = upright only)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="--consistency on photos: clerf predict's --refine (default 0)")
     p.add_argument("--cpu", action="store_true", help="force the CPU")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
@@ -58,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from clerf.config import load_config
     from clerf.evaluation.evaluate import EvaluateOptions, run_evaluate
 
+    if args.consistency:
+        return run_consistency_command(args)
+    if args.crops:
+        from clerf.errors import UsageError
+
+        raise UsageError("--crops only applies with --consistency")
     cfg = load_config(args.config, args.overrides)
     opts = EvaluateOptions.from_config(cfg.evaluate)
     for flag, key in (("protocol", "protocols"), ("batch_size", "batch_size"),
@@ -78,4 +96,29 @@ def run(args: argparse.Namespace) -> int:
                 parts.append(f"{proto} {s['geodesic']['mean']:.2f} deg (MAEV {s['maev']:.2f})")
             print(f"evaluate: {m['name']}: mean geodesic error " + "; ".join(parts))
         print(f"evaluate: report in {args.out}/report.md")
+    return 0
+
+
+def run_consistency_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from clerf.errors import UsageError
+    from clerf.evaluation.consistency import DEFAULT_TURNS, run_consistency
+    from clerf.inference.detect import HaarDetector
+    from clerf.inference.search import build_search_detector, search_angles
+
+    if args.data or args.protocol:
+        raise UsageError("--consistency replaces --data/--protocol: give one or the other")
+    if args.refine < 0:
+        raise UsageError(f"--refine must be >= 0, got {args.refine}")
+    if not args.crops:
+        search_angles(args.angle_step)  # a bad step fails before any model is loaded
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    turns = args.angles if args.angles is not None else DEFAULT_TURNS
+    run_consistency(args.models, args.consistency, args.out, names=args.name, turns=turns,
+                    crops=args.crops, device=device, figures=not args.no_figures,
+                    refine=args.refine,
+                    detector_factory=lambda: build_search_detector(HaarDetector(),
+                                                                   args.angle_step))
+    print(f"evaluate: consistency report in {args.out}/consistency.md")
     return 0

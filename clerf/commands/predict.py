@@ -12,8 +12,10 @@ def register(subparsers, parents) -> None:
         parents=parents,
         help="head pose of every face in images, folders and videos",
         description=(
-            "Find faces (OpenCV's bundled Haar cascade, or --boxes), cut the model's training "
-            "crop from each detection, predict the pose, and write OUT/predictions.json, "
+            "Find faces at any in-plane angle and in profile (OpenCV's bundled Haar cascades "
+            "run on turned and mirrored copies, candidates verified; or --boxes), cut the "
+            "model's training crop in each face's upright frame, predict the pose, compose it "
+            "back into the image's frame (R @ Rz(angle)), and write OUT/predictions.json, "
             "OUT/predictions.csv (pitch/yaw/roll in degrees and the rotation matrix per face) "
             "and OUT/annotated/ (images as PNG, videos as MP4, head axes drawn: x red, y green, "
             "nose blue)."
@@ -32,6 +34,21 @@ def register(subparsers, parents) -> None:
     p.add_argument("--box-shift", type=float, metavar="DY",
                    help="detector box -> landmark box downward shift, fraction of the box "
                    "height (Haar: 0.15; --boxes: 0)")
+    p.add_argument("--angle-step", type=float, metavar="DEG",
+                   help="find faces at any in-plane angle: run the detector on the image turned "
+                   "by every DEG degrees (must divide 360; 0 = upright only; default 15 for "
+                   "haar, 0 for a plug-in detector)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="haar: skip the (mirrored) profile cascade")
+    p.add_argument("--no-verify", action="store_true",
+                   help="haar: keep every candidate (no eye / profile check of the detections; "
+                   "plug-in detectors are never checked)")
+    p.add_argument("--max-side", type=int, default=0, metavar="PX",
+                   help="run the face search on a copy scaled to at most PX pixels on its longer "
+                   "side (faster; 0 = full size)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="re-cut each face turned by the model's own in-plane estimate, N times "
+                   "(default 0)")
     p.add_argument("--max-frames", type=int, default=0, help="videos: stop after N frames")
     p.add_argument("--no-annotate", action="store_true", help="skip the annotated outputs")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0 ...")
@@ -39,17 +56,28 @@ def register(subparsers, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from clerf.devices import resolve_device
     from clerf.errors import UsageError
-    from clerf.inference.detect import BoxMapping, build_detector
+    from clerf.inference.detect import BoxMapping, HaarDetector, build_detector
     from clerf.inference.model import load_pose_model
     from clerf.inference.predict import run_predict
+    from clerf.inference.search import RotationSearch, build_search_detector, search_angles
 
     if args.max_frames < 0:
         raise UsageError(f"--max-frames must be >= 0, got {args.max_frames}")
+    if args.max_side < 0:
+        raise UsageError(f"--max-side must be >= 0, got {args.max_side}")
+    if args.refine < 0:
+        raise UsageError(f"--refine must be >= 0, got {args.refine}")
     device = resolve_device(args.device, "--device")
     detector = build_detector(args.detector, boxes=args.boxes)
+    if args.boxes is None and isinstance(detector, HaarDetector):
+        step = 15.0 if args.angle_step is None else args.angle_step
+        detector = build_search_detector(detector, step, profile=not args.no_profile,
+                                         verify=not args.no_verify, max_side=args.max_side)
+    elif args.boxes is None and args.angle_step:  # a plug-in, searched when asked
+        detector = RotationSearch(detector, search_angles(args.angle_step), verify=False,
+                                  max_side=args.max_side)
     mapping = None
     if args.box_scale is not None or args.box_shift is not None:
         base = detector.box_mapping
@@ -58,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         mapping = BoxMapping(sx, sy, dy)
     model = load_pose_model(args.model, device=device)
     record = run_predict(model, args.inputs, args.out, detector, crop_preset=args.crop,
-                         mapping=mapping, annotate_outputs=not args.no_annotate,
+                         mapping=mapping, refine=args.refine, annotate_outputs=not args.no_annotate,
                          max_frames=args.max_frames, log=lambda m: print(m, file=sys.stderr))
     n_in = len(record["inputs"])
     n_none = sum(r["status"] != "ok" for r in record["inputs"])

@@ -58,13 +58,19 @@ __all__ = [
 @dataclass(frozen=True)
 class Box:
     """A face box in pixels: top-left ``(x, y)``, size ``(w, h)``; ``score`` if the detector
-    gives one (Haar: the cascade's level weight; user boxes: None)."""
+    gives one (Haar: the cascade's level weight; user boxes: None).
+
+    ``angle`` (degrees, clockwise on screen) makes it a rotated box: the face is turned by
+    ``angle`` in the image, ``(x, y, w, h)`` is the box in the face's upright frame placed so
+    that its centre is the face's centre in the image (:mod:`clerf.inference.search`).
+    """
 
     x: float
     y: float
     w: float
     h: float
     score: float | None = None
+    angle: float = 0.0
 
     def as_list(self) -> list[float]:
         return [float(self.x), float(self.y), float(self.w), float(self.h)]

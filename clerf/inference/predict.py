@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from clerf.errors import DataError
-from clerf.geometry import euler_from_rotation
+from clerf.geometry import euler_from_rotation, rotate_inplane, split_camera_inplane
 from clerf.inference.detect import Box, BoxMapping, FaceDetector, landmark_box_from_detection
 from clerf.inference.model import PoseModel
 
@@ -68,7 +69,7 @@ class FacePose:
 
     def as_dict(self) -> dict[str, Any]:
         return {"file": self.file, "frame": self.frame, "face": self.face,
-                "box": self.box.as_list(), "score": self.box.score,
+                "box": self.box.as_list(), "score": self.box.score, "angle": self.box.angle,
                 "crop_box": list(self.crop_box), "pitch": self.pitch, "yaw": self.yaw,
                 "roll": self.roll, "rotation": self.rotation.tolist()}
 
@@ -128,12 +129,15 @@ class FacePredictor:
         detector: finds faces.
         crop_preset: override of the model's preset (``clerf.data.crop`` names).
         mapping: detector box -> landmark box estimate (default: the detector's own).
+        refine: passes that re-cut each face turned by the model's own in-plane estimate
+            (:meth:`refine`; 0 = off).
     """
 
     def __init__(self, model: PoseModel, detector: FaceDetector, crop_preset: str | None = None,
-                 mapping: BoxMapping | None = None) -> None:
+                 mapping: BoxMapping | None = None, refine: int = 0) -> None:
         from clerf.data.crop import get_preset
 
+        self.refine_passes = int(refine)
         self.model = model
         self.detector = detector
         try:
@@ -157,24 +161,59 @@ class FacePredictor:
 
     def crops(self, image: np.ndarray, boxes: Sequence[Box], source: str = "image"
               ) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
-        """Model inputs ``(n, 3, S, S)`` uint8 and their crop boxes."""
+        """Model inputs ``(n, 3, S, S)`` uint8 and their crop boxes.
+
+        A rotated box (``box.angle != 0``) is cut in the face's own upright frame
+        (:func:`clerf.inference.search.upright_crop`); its crop box is in that frame.
+        """
         from clerf.data.crop import crop_image, resize_square
+        from clerf.inference.search import upright_crop
 
         cbs = [self.crop_box(b) for b in boxes]
-        arr = [resize_square(crop_image(image, cb, source), self.model.input_size,
-                             self.model.resize_mode) for cb in cbs]
+        for cb in cbs:
+            if cb[2] <= cb[0] or cb[3] <= cb[1]:
+                crop_image(image, cb, source)  # the DataError naming the source
+        arr = [resize_square(upright_crop(image, b, cb), self.model.input_size,
+                             self.model.resize_mode) for b, cb in zip(boxes, cbs, strict=True)]
         if not arr:
             return torch.zeros(0, 3, self.model.input_size, self.model.input_size,
                                dtype=torch.uint8), cbs
         return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous(), cbs
 
-    def __call__(self, image: np.ndarray, source: str, frame: int | None = None
-                 ) -> list[FacePose]:
-        boxes = self.detector.detect(image, source=source, frame=frame)
-        if not boxes:
-            return []
+    def poses(self, image: np.ndarray, boxes: Sequence[Box], source: str = "image"
+              ) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """Rotations ``(n, 3, 3)`` float64 in the image's frame: the model's prediction on each
+        upright crop composed back with the in-plane rule, ``R_crop @ Rz(box.angle)``
+        (:func:`clerf.geometry.rotate_inplane`)."""
         x, cbs = self.crops(image, boxes, source)
         R = self.model.predict_rotations(x).double().cpu()
+        angles = torch.tensor([float(b.angle) for b in boxes], dtype=torch.float64)
+        return rotate_inplane(R, angles), cbs
+
+    def refine(self, image: np.ndarray, boxes: Sequence[Box]) -> list[Box]:
+        """Second pass: each box turned by the in-plane part of its first prediction
+        (:func:`clerf.geometry.split_camera_inplane` of the crop's rotation), so the model sees
+        the face roll-free."""
+        from dataclasses import replace
+
+        from clerf.inference.search import wrap180
+
+        x, _ = self.crops(image, boxes)
+        R = self.model.predict_rotations(x).double().cpu()
+        _, psi = split_camera_inplane(R)
+        return [replace(b, angle=wrap180(b.angle + float(p))) for b, p in zip(boxes, psi,
+                                                                              strict=True)]
+
+    def __call__(self, image: np.ndarray, source: str, frame: int | None = None,
+                 boxes: Sequence[Box] | None = None) -> list[FacePose]:
+        if boxes is None:
+            boxes = self.detector.detect(image, source=source, frame=frame)
+        if not boxes:
+            return []
+        if self.refine_passes:
+            for _ in range(self.refine_passes):
+                boxes = self.refine(image, boxes)
+        R, cbs = self.poses(image, boxes, source)
         e = euler_from_rotation(R)
         return [FacePose(source, frame, i, b, cb, R[i].numpy(), float(e.pitch[i]),
                          float(e.yaw[i]), float(e.roll[i]))
@@ -183,7 +222,7 @@ class FacePredictor:
     def describe(self) -> dict[str, Any]:
         return {"detector": self.detector.describe(), "crop_preset": self.preset.name,
                 "k": self.k, "resize_mode": self.model.resize_mode,
-                "input_size": self.model.input_size,
+                "input_size": self.model.input_size, "refine": self.refine_passes,
                 "box_mapping": {"scale_x": self.mapping.scale_x, "scale_y": self.mapping.scale_y,
                                 "shift_y": self.mapping.shift_y}}
 
@@ -198,8 +237,9 @@ def annotate(image: np.ndarray, faces: Iterable[FacePose]) -> np.ndarray:
     for f in faces:
         b = f.box
         thick = max(1, round(min(out.shape[:2]) / 300))
-        cv2.rectangle(out, (int(b.x), int(b.y)), (int(b.x + b.w), int(b.y + b.h)),
-                      (255, 255, 255), thick, cv2.LINE_AA)
+        corners = cv2.boxPoints(((b.x + b.w / 2, b.y + b.h / 2), (b.w, b.h), float(b.angle)))
+        cv2.polylines(out, [np.round(corners).astype(np.int32)], True, (255, 255, 255), thick,
+                      cv2.LINE_AA)
         out = draw_axes(out, f.rotation, centre=(b.x + b.w / 2, b.y + b.h / 2),
                         size=0.6 * max(b.w, b.h), thickness=max(2, round(b.w / 60)))
         text = f"p {f.pitch:.0f} y {f.yaw:.0f} r {f.roll:.0f}"
@@ -211,7 +251,7 @@ def annotate(image: np.ndarray, faces: Iterable[FacePose]) -> np.ndarray:
     return out
 
 
-CSV_FIELDS = ["file", "frame", "face", "x", "y", "w", "h", "score", "pitch", "yaw", "roll",
+CSV_FIELDS = ["file", "frame", "face", "x", "y", "w", "h", "score", "angle", "pitch", "yaw", "roll",
               *(f"r{i}{j}" for i in range(3) for j in range(3))]
 
 
@@ -227,6 +267,7 @@ def _write_outputs(out: Path, record: dict[str, Any], faces: list[FacePose]) -> 
             w.writerow([f.file, "" if f.frame is None else f.frame, f.face,
                         *(f"{v:.1f}" for v in f.box.as_list()),
                         "" if f.box.score is None else f"{f.box.score:.3f}",
+                        f"{f.box.angle:.2f}",
                         f"{f.pitch:.4f}", f"{f.yaw:.4f}", f"{f.roll:.4f}",
                         *(f"{v:.6f}" for v in f.rotation.reshape(-1))])
     os.replace(tmp, out / "predictions.csv")
@@ -246,6 +287,7 @@ def run_predict(
     detector: FaceDetector,
     crop_preset: str | None = None,
     mapping: BoxMapping | None = None,
+    refine: int = 0,
     annotate_outputs: bool = True,
     max_frames: int = 0,
     log: Callable[[str], None] = print,
@@ -266,7 +308,7 @@ def run_predict(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out: {out} exists and is not a directory")
-    predictor = FacePredictor(model, detector, crop_preset, mapping)
+    predictor = FacePredictor(model, detector, crop_preset, mapping, refine=refine)
     names = _unique_names([p for p, _ in items])
     # Folders appear with the first file written into them: a failed run leaves none behind.
     faces: list[FacePose] = []
@@ -284,8 +326,10 @@ def run_predict(
                 rec["annotated"] = str(target)
         else:
             target = out / "annotated" / f"{name}.mp4" if annotate_outputs else None
+            t0 = time.perf_counter()
             found, frames = predict_video(predictor, path, target, max_frames=max_frames)
             rec["frames"] = frames
+            rec["fps"] = frames / max(time.perf_counter() - t0, 1e-9)
             if target is not None:
                 rec["annotated"] = str(target)
         rec["faces"] = len(found)

@@ -55,6 +55,10 @@ def predict_video(
 ) -> tuple[list[FacePose], int]:
     """Faces of every frame (``frame`` set on each :class:`FacePose`) and the frame count.
 
+    A detector with ``detect_near`` (:class:`clerf.inference.search.RotationSearch`) searches
+    the turns near the previous frame's faces first and the full search only when that finds
+    nothing, so a video does not pay the full angle search on every frame.
+
     With ``out_video`` the annotated frames are written as MP4 (``mp4v``) at the input's frame
     rate; the file is written under a temporary name and renamed when complete.
 
@@ -71,8 +75,14 @@ def predict_video(
     n = 0
     ok = False
     try:
+        track = getattr(predictor.detector, "detect_near", None)
+        previous: list = []
         for k, frame in read_frames(path, max_frames):
-            found = predictor(frame, str(path), frame=k)
+            boxes = None
+            if track is not None:  # search near the previous frame's faces first
+                boxes = track(frame, previous, str(path), k)
+                previous = boxes
+            found = predictor(frame, str(path), frame=k, boxes=boxes)
             faces.extend(found)
             n += 1
             if out_video is not None:
