@@ -22,7 +22,7 @@ from clerf.evaluation.evaluate import EvaluateOptions, run_evaluate
 from clerf.finetune import run_finetune
 from clerf.inference.detect import build_detector
 from clerf.inference.model import load_pose_model
-from clerf.inference.predict import run_predict
+from clerf.inference.run import run_predict
 from clerf.pretrain import run_pretrain
 from triplets.generate import run_generate
 

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from clerf.errors import UsageError
     from clerf.inference.detect import BoxMapping, HaarDetector, build_detector
     from clerf.inference.model import load_pose_model
-    from clerf.inference.predict import run_predict
+    from clerf.inference.run import run_predict
     from clerf.inference.search import RotationSearch, build_search_detector, search_angles
 
     if args.max_frames < 0:

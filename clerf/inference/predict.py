@@ -22,11 +22,7 @@ Outputs in ``OUT/``: ``predictions.json`` (inputs with their status, faces, the 
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +42,6 @@ __all__ = [
     "FacePredictor",
     "collect_inputs",
     "read_image",
-    "run_predict",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -110,15 +105,15 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as ``(H, W, 3)`` uint8 RGB (grey and alpha converted); DataError if
-    unreadable."""
-    import cv2
+    unreadable. The decoder training data went through (:func:`clerf.data.mat.read_rgb_image`,
+    PIL), so a model sees a photo's pixels as it saw its training images'."""
+    from clerf.data.mat import read_rgb_image
 
-    p = Path(path)
-    data = np.fromfile(p, dtype=np.uint8) if p.is_file() else None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
-    if img is None:
-        raise DataError(f"{p}: cannot read this image (missing, empty, truncated or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    try:
+        return read_rgb_image(path)
+    except DataError as exc:
+        raise DataError(f"{Path(path)}: cannot read this image (missing, empty, truncated or not "
+                        f"an image: {exc})") from None
 
 
 class FacePredictor:
@@ -249,100 +244,3 @@ def annotate(image: np.ndarray, faces: Iterable[FacePose]) -> np.ndarray:
         cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), 1,
                     cv2.LINE_AA)
     return out
-
-
-CSV_FIELDS = ["file", "frame", "face", "x", "y", "w", "h", "score", "angle", "pitch", "yaw", "roll",
-              *(f"r{i}{j}" for i in range(3) for j in range(3))]
-
-
-def _write_outputs(out: Path, record: dict[str, Any], faces: list[FacePose]) -> None:
-    tmp = out / f".predictions.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "predictions.json")
-    tmp = out / f".predictions.csv.tmp{os.getpid()}"
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_FIELDS)
-        for f in faces:
-            w.writerow([f.file, "" if f.frame is None else f.frame, f.face,
-                        *(f"{v:.1f}" for v in f.box.as_list()),
-                        "" if f.box.score is None else f"{f.box.score:.3f}",
-                        f"{f.box.angle:.2f}",
-                        f"{f.pitch:.4f}", f"{f.yaw:.4f}", f"{f.roll:.4f}",
-                        *(f"{v:.6f}" for v in f.rotation.reshape(-1))])
-    os.replace(tmp, out / "predictions.csv")
-
-
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    stems = [p.stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [f"{i:04d}_{s}" for i, s in enumerate(stems)]
-
-
-def run_predict(
-    model: PoseModel,
-    inputs: Sequence[str | Path],
-    out: str | Path,
-    detector: FaceDetector,
-    crop_preset: str | None = None,
-    mapping: BoxMapping | None = None,
-    refine: int = 0,
-    annotate_outputs: bool = True,
-    max_frames: int = 0,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Predict every face of every input; write JSON, CSV and annotated files into ``out``.
-
-    Inputs are all checked (exist, known type) before any work. An input with no face gets the
-    status ``"no face found"`` (and a message through ``log``), not an error; an unreadable file
-    is a :class:`DataError` naming it.
-
-    Returns:
-        The ``predictions.json`` record: ``{"inputs": [...], "faces": [...], "settings": ...}``.
-    """
-    from clerf.drawing import save_png
-    from clerf.inference.video import predict_video
-
-    items = collect_inputs(inputs)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out: {out} exists and is not a directory")
-    predictor = FacePredictor(model, detector, crop_preset, mapping, refine=refine)
-    names = _unique_names([p for p, _ in items])
-    # Folders appear with the first file written into them: a failed run leaves none behind.
-    faces: list[FacePose] = []
-    records = []
-    for (path, kind), name in zip(items, names, strict=True):
-        rec: dict[str, Any] = {"file": str(path), "kind": kind}
-        if kind == "image":
-            image = read_image(path)
-            found = predictor(image, str(path))
-            rec["size"] = [int(image.shape[1]), int(image.shape[0])]
-            if annotate_outputs:
-                target = out / "annotated" / f"{name}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                save_png(target, annotate(image, found))
-                rec["annotated"] = str(target)
-        else:
-            target = out / "annotated" / f"{name}.mp4" if annotate_outputs else None
-            t0 = time.perf_counter()
-            found, frames = predict_video(predictor, path, target, max_frames=max_frames)
-            rec["frames"] = frames
-            rec["fps"] = frames / max(time.perf_counter() - t0, 1e-9)
-            if target is not None:
-                rec["annotated"] = str(target)
-        rec["faces"] = len(found)
-        rec["status"] = "ok" if found else "no face found"
-        if not found:
-            log(f"predict: {path}: no face found")
-        faces.extend(found)
-        records.append(rec)
-    record = {"inputs": records, "faces": [f.as_dict() for f in faces],
-              "settings": {**predictor.describe(), "model": model.describe()},
-              "conventions": "rotation rows = head axes (right, up, nose) in camera coordinates "
-                             "(x right, y up, z toward the viewer); pitch, yaw, roll in degrees, "
-                             "R = Rz(roll) @ Ry(yaw) @ Rx(pitch)"}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_outputs(out, record, faces)
-    return record

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clerf.errors import DataError
-
-if TYPE_CHECKING:
-    from clerf.inference.predict import FacePose, FacePredictor
+from clerf.inference.predict import FacePose, FacePredictor, annotate
 
 __all__ = ["predict_video", "read_frames"]
 
@@ -66,8 +63,6 @@ def predict_video(
         DataError: the video cannot be opened, has no frames, or the output cannot be written.
     """
     import cv2
-
-    from clerf.inference.predict import annotate
 
     writer = None
     tmp = None
