@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -618,11 +619,14 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     schema: type = ExperimentConfig,
+    values: Mapping[str, Any] | None = None,
 ) -> DictConfig:
     """Load a YAML config (or the defaults when ``path`` is None), validate it, apply overrides.
 
     A file may start from another one with ``base: other.yaml`` (relative to the file); its keys
-    then override the base's.
+    then override the base's. ``overrides`` (``key.sub=value`` strings) come next, then
+    ``values`` (``{"key.sub": value}``: what a command's flags set, merged as values so paths may
+    hold any character). The whole result is checked once (:func:`check_config`).
 
     Returns a read-only, typed ``DictConfig`` (attribute access, ``OmegaConf.to_yaml`` works).
 
@@ -635,6 +639,11 @@ def load_config(
             cfg = _merge(cfg, loaded, str(p))
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "command-line override")
+    if values:  # command-line flags: thin aliases of dotted keys, merged as values (paths...)
+        flags = OmegaConf.create({})
+        for key, value in values.items():
+            OmegaConf.update(flags, key, value, merge=True)
+        cfg = _merge(cfg, flags, "command-line flag")
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

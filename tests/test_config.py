@@ -146,3 +146,26 @@ def test_every_section_is_checked_once_when_loaded_naming_its_path(override, mes
 
     with pytest.raises(ConfigError, match=message):
         load_config("configs/quickstart.yaml", [override])
+
+
+def test_flags_are_thin_aliases_of_dotted_keys(tmp_path):
+    from omegaconf import OmegaConf
+
+    from clerf.commands.evaluate import split_overrides
+
+    as_string = load_config(None, ["evaluate.batch_size=7",
+                                   "evaluate.protocols=[standard,flipped]"])
+    as_values = load_config(None, values={"evaluate.batch_size": 7,
+                                          "evaluate.protocols": ["standard", "flipped"]})
+    assert OmegaConf.to_container(as_string) == OmegaConf.to_container(as_values)
+    # values are merged as values: a path may hold any character, '=' and ',' included
+    odd = str(tmp_path / "a=b,c")
+    assert load_config(None, values={"prepare.root": odd}).prepare.root == odd
+    # flags are checked like the rest, naming the key
+    from clerf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.batch_size"):
+        load_config(None, values={"evaluate.batch_size": 0})
+    (tmp_path / "m=1").mkdir()  # an existing model folder is a model, whatever its name
+    assert split_overrides(["runs/a", "evaluate.full_range_n=8", str(tmp_path / "m=1")]) == \
+        (["runs/a", str(tmp_path / "m=1")], ["evaluate.full_range_n=8"])

@@ -7,6 +7,7 @@ Also under several processes (identical report):
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def _csv(kind):
@@ -17,6 +18,16 @@ def _csv(kind):
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got '{text}'"
                                              ) from None
     return parse
+
+
+def split_overrides(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """``MODEL`` arguments and bare ``key.sub=value`` overrides mixed among them."""
+    import re
+    from pathlib import Path
+
+    is_override = re.compile(r"^[A-Za-z_][\w.]*=").match
+    bare = [t for t in tokens if is_override(t) and not Path(t).exists()]
+    return [t for t in tokens if t not in bare], bare
 
 
 def register(subparsers, parents) -> None:
@@ -33,7 +44,8 @@ def register(subparsers, parents) -> None:
             "order or the number of accelerate processes."
         ),
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="saved model directories")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="saved model directories (and KEY=VALUE config overrides, as --set)")
     p.add_argument("--data", help="labelled/triplet store (.h5) for standard/rotated/flipped")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--protocol", type=_csv(str), metavar="P1,P2",
@@ -76,18 +88,21 @@ def run(args: argparse.Namespace) -> int:
         from clerf.errors import UsageError
 
         raise UsageError("--crops only applies with --consistency")
-    cfg = load_config(args.config, args.overrides)
-    opts = EvaluateOptions.from_config(cfg.evaluate)
+    models, bare = split_overrides(args.models)
+    # Flags are thin aliases of evaluate.* keys; --set KEY=VALUE and bare KEY=VALUE are the same.
+    values: dict[str, Any] = {}
     for flag, key in (("protocol", "protocols"), ("batch_size", "batch_size"),
                       ("angles", "rotated_angles"), ("full_range_n", "full_range_n"),
-                      ("max_samples", "max_samples")):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(opts, key, value)
-    opts.cpu = opts.cpu or args.cpu
-    opts.figures = opts.figures and not args.no_figures
-    report = run_evaluate(args.models, args.out, data=args.data, opts=opts, names=args.name,
-                          cfg=cfg)
+                      ("max_samples", "max_samples")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            values[f"evaluate.{key}"] = getattr(args, flag)
+    if args.cpu:
+        values["evaluate.cpu"] = True
+    if args.no_figures:
+        values["evaluate.figures"] = False
+    cfg = load_config(args.config, [*args.overrides, *bare], values=values)
+    opts = EvaluateOptions.from_config(cfg.evaluate)
+    report = run_evaluate(models, args.out, data=args.data, opts=opts, names=args.name, cfg=cfg)
     if PartialState().is_main_process:
         for m in report["models"]:
             parts = []

@@ -44,27 +44,18 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     from clerf.config import load_config
     from clerf.data.prepare import describe, run_prepare
-    from clerf.errors import ConfigError
 
     check_resume_overwrite(args)
-    cfg = load_config(args.config, args.overrides)
-    # Flags are merged as values (not parsed as dotted strings): paths may hold any character.
-    flags: dict[str, Any] = {"dataset": args.dataset, "root": args.root}
+    # Flags are thin aliases of prepare.* keys, merged as values (paths may hold any character).
+    flags: dict[str, Any] = {"prepare.dataset": args.dataset, "prepare.root": args.root}
     for name in ("resolution", "split", "crop", "workers"):
         if getattr(args, name) is not None:
-            flags[name] = getattr(args, name)
+            flags[f"prepare.{name}"] = getattr(args, name)
     if args.skip_bad:
-        flags["skip_bad"] = True
-    try:
-        cfg = OmegaConf.merge(cfg, {"prepare": flags})
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"command-line flag: {str(exc).splitlines()[0]}") from None
-    OmegaConf.set_readonly(cfg, True)
+        flags["prepare.skip_bad"] = True
+    cfg = load_config(args.config, args.overrides, values=flags)
 
     bar = None
 
