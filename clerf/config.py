@@ -459,6 +459,12 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 PADDINGS = ("zeros", "border", "reflection")
 EVALUATE_PROTOCOLS = ("standard", "rotated", "flipped", "full_range")
+HEAD_TYPES = ("binned", "rotation6d", "both", "sphere")
+DECODE_MODES = ("auto", "expectation", "circular")
+ROTATION_LOSSES = ("geodesic", "chordal")
+PREDICT_FROM = ("auto", "rotation6d", "binned")
+OUT_OF_RANGE_POLICIES = ("drop", "resample", "error")
+RESIZE_MODES = ("center", "hopenet", "6drepnet", "stretch")
 
 
 def _need(ok: bool, key: str, what: str, value: Any) -> None:
@@ -529,9 +535,66 @@ def check_evaluate(e: Any, path: str = "evaluate") -> None:
     need(e["max_samples"] >= 0, "max_samples", "an integer >= 0")
 
 
+def check_head(hc: Any, path: str = "head") -> None:
+    """A ``head`` section (:class:`HeadConfig`): type, bins, decode, widths, losses."""
+    import math
+
+    from clerf.geometry import BinSpec
+
+    def need(ok: bool, key: str, what: str) -> None:
+        _need(ok, f"{path}.{key}", what, hc[key])
+
+    need(hc["type"] in HEAD_TYPES, "type", "one of " + ", ".join(HEAD_TYPES))
+    need(math.isfinite(float(hc["alpha"])) and hc["alpha"] >= 0, "alpha", "a number >= 0")
+    need(hc["predict_from"] in PREDICT_FROM, "predict_from", "auto, rotation6d or binned")
+    need(hc["decode"] in DECODE_MODES, "decode", "one of " + ", ".join(DECODE_MODES))
+    need(hc["hidden"] >= 0, "hidden", "an integer >= 0")
+    need(hc["loss"] in ROTATION_LOSSES, "loss", "one of " + ", ".join(ROTATION_LOSSES))
+    need(hc["sphere_points"] >= 12, "sphere_points", "an integer >= 12")
+    need(0.5 <= hc["sphere_sigma_deg"] <= 90, "sphere_sigma_deg", "a number in [0.5, 90]")
+    for key in ("binned_weight", "rotation6d_weight"):
+        need(hc[key] >= 0, key, "a number >= 0")
+    b = hc["bins"]
+    try:
+        BinSpec(start=float(b["start"]), width=float(b["width"]), num_bins=int(b["num_bins"]))
+    except ValueError as exc:
+        raise ConfigError(f"{path}.bins: {exc}") from None
+
+
+def check_finetune(fc: Any, path: str = "finetune") -> None:
+    """The ``finetune`` section's own keys (:class:`FinetuneConfig`)."""
+    import math
+
+    def need(ok: bool, key: str, what: str) -> None:
+        _need(ok, f"{path}.{key}", what, fc[key])
+
+    need(fc["out_of_range"] in OUT_OF_RANGE_POLICIES, "out_of_range",
+         "one of " + ", ".join(OUT_OF_RANGE_POLICIES))  # fmt: skip
+    need(fc["resample_tries"] >= 0, "resample_tries", "an integer >= 0")
+    need(fc["probe_epochs"] >= 0, "probe_epochs", "an integer >= 0")
+    need(0.0 <= fc["val_fraction"] < 1.0, "val_fraction", "a number in [0, 1)")
+    need(fc["val_max_images"] >= 0, "val_max_images", "an integer >= 0")
+    for key in ("encoder_lr_scale", "head_lr_scale"):
+        need(math.isfinite(float(fc[key])) and fc[key] >= 0, key, "a number >= 0")
+
+
+def check_prepare(pc: Any, path: str = "prepare") -> None:
+    """The ``prepare`` section (:class:`PrepareConfig`); which dataset and root are checked when
+    ``clerf prepare`` runs (a config needs none)."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        _need(ok, f"{path}.{key}", what, pc[key])
+
+    need(pc["resolution"] > 0, "resolution", "a positive integer")
+    need(pc["resize"] in RESIZE_MODES, "resize", "one of " + ", ".join(RESIZE_MODES))
+    need(pc["split"] in ("", "train", "test"), "split", "train or test")
+    need(pc["workers"] >= 0, "workers", "an integer >= 0")
+
+
 #: the checks of each section type, run wherever such a section appears
 SECTION_CHECKS = {TrainConfig: check_train, AugmentConfig: check_augment,
-                  EvaluateConfig: check_evaluate}  # fmt: skip
+                  EvaluateConfig: check_evaluate, HeadConfig: check_head,
+                  FinetuneConfig: check_finetune, PrepareConfig: check_prepare}  # fmt: skip
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -44,7 +44,6 @@ geodesic distance between held-out labels (the error of guessing another sample'
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -55,10 +54,10 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
+from clerf.config import OUT_OF_RANGE_POLICIES, check_finetune, check_head
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic
 from clerf.models.encoder import ENCODER_KIND, Encoder, EncoderSpec, build_encoder
-from clerf.models.heads import HEAD_TYPES, build_head
 from clerf.models.pose_model import HeadPoseModel, head_pose_model_dir
 from clerf.training import StepContext, Task, fit
 
@@ -70,7 +69,6 @@ __all__ = [
     "evaluate_rotations",
 ]
 
-OUT_OF_RANGE_POLICIES = ("drop", "resample", "error")
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -336,32 +334,9 @@ class FinetuneTask(Task):
 
     @staticmethod
     def _validate(cfg: DictConfig) -> None:
-        fc, hc = cfg.finetune, cfg.head
-
-        def need(ok: bool, key: str, what: str, value: Any) -> None:
-            if not ok:
-                raise ConfigError(f"{key}: expected {what}, got {value!r}")
-
-        need(fc.out_of_range in OUT_OF_RANGE_POLICIES, "finetune.out_of_range",
-             "one of " + ", ".join(OUT_OF_RANGE_POLICIES), fc.out_of_range)  # fmt: skip
-        need(fc.resample_tries >= 0, "finetune.resample_tries", "an integer >= 0",
-             fc.resample_tries)  # fmt: skip
-        need(fc.probe_epochs >= 0, "finetune.probe_epochs", "an integer >= 0", fc.probe_epochs)
-        need(0.0 <= fc.val_fraction < 1.0, "finetune.val_fraction", "a number in [0, 1)",
-             fc.val_fraction)  # fmt: skip
-        need(fc.val_max_images >= 0, "finetune.val_max_images", "an integer >= 0",
-             fc.val_max_images)  # fmt: skip
-        for key in ("encoder_lr_scale", "head_lr_scale"):
-            v = float(fc[key])
-            need(math.isfinite(v) and v >= 0, f"finetune.{key}", "a number >= 0", fc[key])
-        need(hc.type in HEAD_TYPES, "head.type", "one of " + ", ".join(HEAD_TYPES), hc.type)
-        need(hc.alpha >= 0, "head.alpha", "a number >= 0", hc.alpha)
-        need(hc.predict_from in ("auto", "rotation6d", "binned"), "head.predict_from",
-             "auto, rotation6d or binned", hc.predict_from)  # fmt: skip
-        try:
-            build_head(hc, 8)  # bins, decode mode, hidden width
-        except ValueError as exc:
-            raise ConfigError(f"head: {exc}") from exc
+        # the config's own checks (load_config ran them; configs built in code get them here)
+        check_finetune(cfg.finetune)
+        check_head(cfg.head)
 
     def _encoder_spec(self) -> EncoderSpec:
         src = self.cfg.finetune.encoder or ""

@@ -169,3 +169,19 @@ def test_flags_are_thin_aliases_of_dotted_keys(tmp_path):
     (tmp_path / "m=1").mkdir()  # an existing model folder is a model, whatever its name
     assert split_overrides(["runs/a", "evaluate.full_range_n=8", str(tmp_path / "m=1")]) == \
         (["runs/a", str(tmp_path / "m=1")], ["evaluate.full_range_n=8"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("head.type=cube", "head.type: expected one of binned"),
+    ("head.bins.width=0", "head.bins: BinSpec needs width > 0"),
+    ("head.loss=l1", "head.loss: expected one of geodesic, chordal"),
+    ("finetune.out_of_range=ignore", "finetune.out_of_range: expected one of drop"),
+    ("finetune.val_fraction=1.5", "finetune.val_fraction: expected a number in"),
+    ("prepare.resize=squash", "prepare.resize: expected one of center"),
+    ("prepare.workers=-1", "prepare.workers: expected an integer >= 0"),
+])  # fmt: skip
+def test_head_finetune_and_prepare_sections_are_checked_when_loaded(override, message):
+    from clerf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -228,7 +228,7 @@ def test_overwrite_and_existing_output(tmp_path, capsys):
         (["lfw", "{tmp}"], 1, "unknown dataset 'lfw'"),
         (["aflw2000", "{A}", "--crop", "tight"], 2, "prepare.crop: unknown crop preset 'tight'"),
         (["aflw2000", "{A}", "--resume", "--overwrite"], 2, "exclude each other"),
-        (["aflw2000", "{A}", "prepare.resize=squash"], 2, "prepare.resize must be one of"),
+        (["aflw2000", "{A}", "prepare.resize=squash"], 2, "prepare.resize: expected one of center"),
         (["aflw2000", "{A}", "prepare.bogus=1"], 2, "prepare.bogus"),
         (["aflw2000", "{A}", "prepare.max_abs_angle=10"], 1, "no sample left"),
         (["aflw2000", "{A}", "prepare.subsets=[AFW]"], 2, "300wlp only"),

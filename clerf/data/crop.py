@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clerf.config import RESIZE_MODES
 from clerf.errors import DataError
 
 __all__ = [
@@ -239,7 +240,6 @@ def crop_image(
 #: + ``CenterCrop(r)``, 6DRepNet's and 6DRepNet360's test transform (``Resize(256)`` +
 #: ``CenterCrop(224)`` at ``r = 224``: a further 1/8 of the crop is trimmed). ``stretch``: resize
 #: the whole crop to ``r x r``.
-RESIZE_MODES = ("center", "hopenet", "6drepnet", "stretch")
 
 
 def resize_before_crop(resolution: int, mode: str) -> int:

@@ -35,10 +35,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from clerf.config import provenance
+from clerf.config import check_prepare, provenance
 from clerf.data.base import RealDataset, RealSample, ScanReport, dataset_class, rotations_of
 from clerf.data.crop import (
-    RESIZE_MODES,
     CropPreset,
     get_preset,
     has_missing_landmarks,
@@ -168,14 +167,7 @@ def run_prepare(
 
     pc = cfg.prepare
     out = Path(out)
-    if pc.resolution <= 0:
-        raise ConfigError(f"prepare.resolution must be positive, got {pc.resolution}")
-    if pc.resize not in RESIZE_MODES:
-        raise ConfigError(f"prepare.resize must be one of {RESIZE_MODES}, got '{pc.resize}'")
-    if pc.split not in ("", "train", "test"):
-        raise ConfigError(f"prepare.split must be train or test, got '{pc.split}'")
-    if pc.workers < 0:
-        raise ConfigError(f"prepare.workers must be >= 0, got {pc.workers}")
+    check_prepare(pc)  # as load_config does (configs built in code get it here)
     ds = build_dataset(pc)
     split = pc.split or ds.default_split
     try:

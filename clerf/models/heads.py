@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clerf.config import DECODE_MODES, HEAD_TYPES, ROTATION_LOSSES
 from clerf.geometry import (
     HOPENET_BINS,
     BinSpec,
@@ -66,9 +67,7 @@ __all__ = [
 #: order of the angle axis in binned logits and Euler targets
 ANGLE_NAMES: tuple[str, str, str] = ("pitch", "yaw", "roll")
 #: how a binned head turns bin probabilities into an angle
-DECODE_MODES = ("auto", "expectation", "circular")
 #: head types accepted by :func:`build_head` (the ``head.type`` config key)
-HEAD_TYPES = ("binned", "rotation6d", "both", "sphere")
 
 
 # --------------------------------------------------------------------------- functional parts
@@ -147,7 +146,6 @@ def chordal_loss(R_pred: Tensor, R_true: Tensor) -> Tensor:
     return (R_pred - R_true.to(R_pred)).square().sum(dim=(-2, -1)).mean()
 
 
-ROTATION_LOSSES = ("geodesic", "chordal")
 
 
 def geodesic_loss(R_pred: Tensor, R_true: Tensor) -> Tensor:
