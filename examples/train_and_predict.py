@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     record = run_predict(model, [photo(out, args.photo)], out / "predict",
                          detector=build_detector("haar"))  # fmt: skip
     for face in record["faces"]:
-        print(f"{face['input']}: yaw {face['yaw']:.1f}, pitch {face['pitch']:.1f}, "
-              f"roll {face['roll']:.1f} deg")
+        print(f"{face['file']}: face {face['face']} turned {face['angle']:.0f} deg in the photo: "
+              f"yaw {face['yaw']:.1f}, pitch {face['pitch']:.1f}, roll {face['roll']:.1f} deg")
     return {"finetune": summary, "evaluate": report, "predict": record}
 
 

@@ -35,6 +35,9 @@ def test_examples_train_predict_and_reuse_the_encoder(tmp_path):
     results = res["evaluate"]["models"][0]["results"]
     assert set(results) == {"standard", "rotated", "flipped"}
     assert res["predict"]["inputs"][0]["status"] == "no face found"
+    # the default photo (scikit-image's astronaut, a real face): faces are found and printed
+    res = _load("train_and_predict").main(["--out", str(tmp_path / "ex2"), "--toy"])
+    assert res["predict"]["faces"] and res["predict"]["inputs"][0]["status"] == "ok"
 
     # the encoder the first script wrote, inside a model of the user's own
     mod = _load("encoder_in_your_model")
