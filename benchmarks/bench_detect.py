@@ -45,7 +45,7 @@ def test_image() -> tuple[np.ndarray, tuple[float, float, float]]:
 
 def found(boxes, centre, size, turn, step) -> tuple[bool, int]:
     """Whether the face is among ``boxes``, and how many other boxes there are."""
-    from clerf.inference.search import wrap180
+    from clerf.geometry import wrap180
 
     hit, other = False, 0
     tol = step / 2 + 20 if step else 20

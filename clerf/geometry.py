@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "wrap180",
     "PROTOCOL_MAX_ABS_ANGLE",
     "EulerAngles",
     "BinSpec",
@@ -613,6 +614,17 @@ def check_rotation(R: Tensor, tol: float = 1e-4, name: str = "rotation") -> Tens
 def wrap_degrees(x: Tensor) -> Tensor:
     """Wrap angles (degrees) by 360 into ``[-180, 180)``. Never by 180."""
     return torch.remainder(x + 180.0, 360.0) - 180.0
+
+
+def wrap180(angle: float) -> float:
+    """One angle (degrees, a Python float) wrapped by 360 into ``(-180, 180]``: the scalar twin
+    of :func:`wrap_degrees` for image turns and box angles (+180 stays +180)."""
+    a = math.fmod(float(angle), 360.0)
+    if a <= -180.0:
+        a += 360.0
+    elif a > 180.0:
+        a -= 360.0
+    return a + 0.0
 
 
 def euler_abs_error(pred: Tensor, true: Tensor) -> Tensor:

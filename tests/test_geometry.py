@@ -537,3 +537,14 @@ def test_hflip_euler_is_hflip_rotation_in_euler_angles(pitch, yaw, roll):
     R2 = g.rotation_from_euler(t(p2, dtype=torch.float64), t(y2, dtype=torch.float64),
                                t(r2, dtype=torch.float64))
     assert torch.allclose(R2, g.hflip_rotation(R), atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(-2000.0, 2000.0))
+def test_wrap180_is_wrap_degrees_with_the_closed_end_at_plus_180(a):
+    w = g.wrap180(a)
+    assert -180.0 < w <= 180.0
+    assert math.isclose(math.cos(math.radians(w)), math.cos(math.radians(a)), abs_tol=1e-9)
+    assert math.isclose(math.sin(math.radians(w)), math.sin(math.radians(a)), abs_tol=1e-9)
+    t = float(g.wrap_degrees(torch.tensor(a, dtype=torch.float64)))
+    assert w == pytest.approx(t, abs=1e-9) or (w == 180.0 and t == -180.0)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from clerf.data.crop import crop_image
 from clerf.errors import UsageError
-from clerf.geometry import geodesic_distance, rot_z, rotate_inplane
+from clerf.geometry import geodesic_distance, rot_z, rotate_inplane, wrap180
 from clerf.inference.detect import Box, BoxesDetector, HaarDetector
 from clerf.inference.model import PoseModel
 from clerf.inference.predict import FacePredictor
@@ -25,7 +25,6 @@ from clerf.inference.search import (
     turn_image,
     turn_matrix,
     upright_crop,
-    wrap180,
 )
 
 skdata = pytest.importorskip("skimage.data")

@@ -70,7 +70,7 @@ def consistency_views(turns: Sequence[float] = DEFAULT_TURNS, flips: bool = True
     Raises:
         ConfigError: no view, or a turn given twice.
     """
-    from clerf.inference.search import wrap180
+    from clerf.geometry import wrap180
 
     turns = [wrap180(a) for a in turns if wrap180(a) != 0.0]
     if len(set(turns)) != len(turns):

@@ -191,7 +191,7 @@ class FacePredictor:
         the face roll-free."""
         from dataclasses import replace
 
-        from clerf.inference.search import wrap180
+        from clerf.geometry import wrap180
 
         x, _ = self.crops(image, boxes)
         R = self.model.predict_rotations(x).double().cpu()

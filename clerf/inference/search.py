@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from clerf.errors import ConfigError, UsageError
+from clerf.geometry import wrap180
 from clerf.inference.detect import HAAR_MAPPING, Box, FaceDetector, HaarDetector
 
 __all__ = [
@@ -57,16 +58,6 @@ __all__ = [
     "RotationSearch",
     "build_search_detector",
 ]
-
-
-def wrap180(a: float) -> float:
-    """An angle in degrees in ``(-180, 180]``."""
-    a = math.fmod(float(a), 360.0)
-    if a <= -180.0:
-        a += 360.0
-    elif a > 180.0:
-        a -= 360.0
-    return a + 0.0
 
 
 def search_angles(step: float, flag: str = "--angle-step") -> list[float]:
@@ -88,8 +79,9 @@ def search_angles(step: float, flag: str = "--angle-step") -> list[float]:
 
 def turn_matrix(angle: float) -> np.ndarray:
     """The 2 x 2 pixel matrix (x right, y down) that turns an image by ``angle`` degrees clockwise
-    on screen: the linear part of :func:`clerf.augment.affine_matrix` (the training warp),
-    ``[[cos, -sin], [sin, cos]]``."""
+    on screen: the linear part of :func:`clerf.augment.affine_matrix` (the training warp, built
+    on :func:`clerf.geometry.inplane_image_matrix`), ``[[cos, -sin], [sin, cos]]``, as the
+    training warp rounds it (float32)."""
     import torch
 
     from clerf.augment import GeometricParams, affine_matrix
