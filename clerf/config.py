@@ -342,15 +342,16 @@ class FinetuneConfig:
 class PrepareConfig:
     """``clerf prepare``: a real dataset -> a labelled store (``clerf/data``, ``docs/data.md``)."""
 
-    #: ``300wlp``, ``aflw2000`` or ``biwi``
+    #: ``300wlp``, ``aflw2000``, ``biwi`` or ``pointing04``
     dataset: str = ""
-    #: dataset directory (300W-LP, AFLW2000) or ``.npz`` file (BIWI)
+    #: dataset directory (300W-LP, AFLW2000, Pointing'04) or ``.npz`` file (BIWI)
     root: str = ""
     #: ``train`` or ``test``; "" = the dataset's usual role (300W-LP train, others test)
     split: str = ""
     #: crop preset (``hopenet_train``, ``hopenet_test``, ``hopenet_test_corrected``,
-    #: ``train_rule_k02``, ``none``); "" = the split's preset (train: hopenet_train, test:
-    #: hopenet_test, the peers' exact crop; BIWI: none)
+    #: ``train_rule_k02``, ``pointing04_box``, ``none``); "" = the split's preset (train:
+    #: hopenet_train, test: hopenet_test, the peers' exact crop; BIWI: none; Pointing'04:
+    #: pointing04_box)
     crop: str = ""
     #: stored images are resolution x resolution RGB
     resolution: int = 64
@@ -358,6 +359,7 @@ class PrepareConfig:
     #: transform), ``6drepnet`` (Resize(r*256/224) + CenterCrop(r), 6DRepNet's) or ``stretch``
     resize: str = "center"
     #: protocol filter: keep samples with all |angles| <= this (deg); null = keep all
+    #: (Pointing'04 keeps all 93 poses unless this is changed from 99)
     max_abs_angle: float | None = PROTOCOL_MAX_ABS_ANGLE
     #: BIWI is evaluated whole: apply ``max_abs_angle`` to BIWI only when this is true (the
     #: count beyond +-99 deg is logged and stored either way)
@@ -367,7 +369,8 @@ class PrepareConfig:
     #: image check during the scan: ``header`` (header + JPEG end marker), ``full`` (decode),
     #: ``none``
     verify_images: str = "header"
-    #: 300W-LP subset folders to read; empty = all eight
+    #: 300W-LP subset folders to read (empty = all eight); Pointing'04: people, as ``train``
+    #: (1-10), ``val`` (11-12), ``test`` (13-15) or ``Person01`` ... (empty = all 15)
     subsets: list[str] = field(default_factory=list)
     #: BIWI .npz label signs: ``fsanet`` (300W-LP semantics) or ``mirrored``
     biwi_signs: str = "fsanet"

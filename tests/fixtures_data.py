@@ -192,3 +192,56 @@ def make_biwi_npz(path: Path, n: int = 5, size: int = 32, extreme_row: int | Non
         pose[extreme_row, 0] = -100.0
     np.savez(path, image=images, pose=pose, img_size=size)
     return images, pose
+
+
+# --------------------------------------------------------------------------- Pointing'04
+
+POINTING04_TILT_ROWS = (-60, -30, -15, 0, 15, 30, 60)
+
+
+def pointing04_index(tilt: int, pan: int) -> int:
+    """The pose number ``II`` Pointing'04 gives (tilt, pan): 0 = (-90, 0), then each tilt row's
+    13 pans from -90 to 90, 92 = (+90, 0)."""
+    if tilt == -90:
+        return 0
+    if tilt == 90:
+        return 92
+    return 1 + 13 * POINTING04_TILT_ROWS.index(tilt) + (pan + 90) // 15
+
+
+def pointing04_stem(person: int, series: int, tilt: int, pan: int) -> str:
+    return f"person{person:02d}{series}{pointing04_index(tilt, pan):02d}{tilt:+d}{pan:+d}"
+
+
+def write_pointing04_box(path: Path, cx: int, cy: int, w: int, h: int) -> Path:
+    """The ``.txt`` beside a Pointing'04 image, byte for byte as distributed: the image name,
+    an empty line, ``Face``, then centre x, centre y, width, height, one per line."""
+    path.write_text(f"{path.stem}.jpg\n\nFace\n{cx}\n{cy}\n{w}\n{h}\n", encoding="ascii")
+    return path
+
+
+def make_pointing04(
+    root: Path,
+    people: tuple[int, ...] = (1, 11, 13),
+    poses: tuple[tuple[int, int], ...] = ((0, 0), (60, 90), (-90, 0), (15, -45)),
+    series: tuple[int, ...] = (1,),
+    size: tuple[int, int] = (96, 72),
+) -> dict[str, tuple[float, float, float, float]]:
+    """``PersonNN/personNNSII<tilt><pan>.jpg`` + ``.txt``; returns ``{key: face box (x_min, y_min,
+    x_max, y_max)}`` as the loader must read it."""
+    w, h = size
+    boxes = {}
+    for person in people:
+        folder = root / f"Person{person:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in series:
+            for j, (tilt, pan) in enumerate(poses):
+                stem = pointing04_stem(person, s, tilt, pan)
+                write_jpg(folder / f"{stem}.jpg", h, w, seed=100 * person + 10 * s + j)
+                bw, bh = 20 + 2 * j, 24 + j
+                cx, cy = w // 2 + j, h // 2 - j
+                write_pointing04_box(folder / f"{stem}.txt", cx, cy, bw, bh)
+                boxes[f"Person{person:02d}/{stem}"] = (
+                    cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2
+                )
+    return boxes

@@ -20,7 +20,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
             "a labelled HDF5 store (triplets/SCHEMA.md). Resumable with --resume."
         ),
     )
-    p.add_argument("dataset", metavar="DATASET", help="300wlp, aflw2000 or biwi")
+    p.add_argument("dataset", metavar="DATASET", help="300wlp, aflw2000, biwi or pointing04")
     p.add_argument("root", metavar="ROOT", help="dataset directory (BIWI: the .npz file)")
     p.add_argument("--out", required=True, metavar="PATH", help="the .h5 store to write")
     p.add_argument("--config", metavar="YAML", default=None, help="experiment config (optional)")

@@ -59,6 +59,9 @@ class RealSample:
         image_path: the image file, or None when the image lives in an array (BIWI ``.npz``).
         pt2d: ``(2, N)`` landmarks in pixels, -1 = missing; None when there are none.
         row: index into the dataset's image array when ``image_path`` is None.
+        box: ``(x_min, y_min, x_max, y_max)`` face box in pixels, for datasets that give a box
+            instead of landmarks (Pointing'04); the crop presets expand it as a landmark box.
+        identity: who is pictured (an integer), where the dataset says; None = unknown.
     """
 
     key: str
@@ -67,6 +70,8 @@ class RealSample:
     image_path: Path | None = None
     pt2d: np.ndarray | None = field(default=None, compare=False, repr=False)
     row: int | None = None
+    box: tuple[float, float, float, float] | None = None
+    identity: int | None = None
 
 
 @dataclass
@@ -341,7 +346,8 @@ def register_dataset(*names: str):
     return deco
 
 
-_BUILTINS = ("clerf.data.aflw2000", "clerf.data.biwi", "clerf.data.w300lp")
+_BUILTINS = ("clerf.data.aflw2000", "clerf.data.biwi", "clerf.data.pointing04",
+             "clerf.data.w300lp")
 
 
 def _load_builtins() -> None:

@@ -116,6 +116,11 @@ CROP_PRESETS: dict[str, CropPreset] = {
                         "section 6 wording), -1 landmarks excluded",
             missing="exclude",
         ),
+        CropPreset(
+            "pointing04_box", 2.0, 2.0, 2.0, 2.0, 0.2, 0.2,
+            description="Pointing'04: its annotated face box (brows to mouth) grown by 0.4 of "
+                        "its size on every side, k = 0.2",
+        ),
         CropPreset("none", enabled=False, description="no crop: the image is already a face"),
     )
 }  # fmt: skip
@@ -285,6 +290,7 @@ def protocol_crop(
     preset: CropPreset | str,
     k: float | None = None,
     source: str = "image",
+    box: tuple[float, float, float, float] | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """Landmark box -> loose box -> cut: the whole protocol crop for one image.
 
@@ -293,6 +299,8 @@ def protocol_crop(
         pt2d: ``(2, N)`` landmarks (-1 = missing); ignored by the ``none`` preset.
         preset: preset or its name.
         k: margin factor; required for enabled presets (use :func:`sample_k`).
+        box: a dataset's own face box ``(x_min, y_min, x_max, y_max)`` (Pointing'04), used in
+            place of the landmark box when ``pt2d`` is None.
 
     Returns:
         ``(crop, box)``; ``box`` is None for the ``none`` preset.
@@ -300,9 +308,10 @@ def protocol_crop(
     p = get_preset(preset) if isinstance(preset, str) else preset
     if not p.enabled:
         return image, None
-    if pt2d is None:
-        raise DataError(f"{source}: crop preset '{p.name}' needs landmarks (pt2d)")
+    if pt2d is None and box is None:
+        raise DataError(f"{source}: crop preset '{p.name}' needs landmarks (pt2d) or a face box")
     if k is None:
         raise ValueError("protocol_crop: k is required for an enabled preset")
-    box = crop_box(landmark_box(pt2d, source, p.missing), p, k)
-    return crop_image(image, box, source), box
+    tight = landmark_box(pt2d, source, p.missing) if pt2d is not None else box
+    loose = crop_box(tight, p, k)
+    return crop_image(image, loose, source), loose

@@ -46,6 +46,7 @@ from clerf.data.crop import (
     sample_k,
 )
 from clerf.errors import ConfigError, DataError
+from clerf.geometry import PROTOCOL_MAX_ABS_ANGLE
 
 __all__ = ["PrepareResult", "run_prepare", "build_dataset", "identities_of", "process_sample"]
 
@@ -79,13 +80,20 @@ def build_dataset(pc: DictConfig | Any) -> RealDataset:
                   verify_images=pc.verify_images)
     if cls.name == "300wlp":
         return cls(pc.root, subsets=list(pc.subsets) or None, **common)
+    if cls.name == "pointing04":
+        # every Pointing'04 label lies within +-99 deg: no filter unless max_abs_angle differs
+        if pc.max_abs_angle == PROTOCOL_MAX_ABS_ANGLE:
+            common["max_abs_angle"] = None
+        return cls(pc.root, subsets=list(pc.subsets) or None, **common)
     if cls.name == "biwi":
         # BIWI is evaluated whole: the angle filter only when asked for (biwi_filter)
         if not bool(getattr(pc, "biwi_filter", False)):
             common["max_abs_angle"] = None
         return cls(pc.root, signs=pc.biwi_signs, channels=pc.biwi_channels, **common)
     if list(pc.subsets):
-        raise ConfigError(f"prepare.subsets applies to 300wlp only, not {cls.name}")
+        raise ConfigError(
+            f"prepare.subsets applies to 300wlp and pointing04 only, not {cls.name}"
+        )
     return cls(pc.root, **common)
 
 
@@ -97,9 +105,11 @@ def identities_of(dataset: RealDataset, samples: list[RealSample]) -> np.ndarray
 
     300W-LP: one id per source face, shared by its synthesized views and its ``_Flip`` twin
     (``AFW/AFW_134212_1_3`` and ``AFW_Flip/AFW_134212_1_0`` -> face ``AFW_134212_1``), numbered
-    in sorted order of the faces present. AFLW2000 and the BIWI ``.npz`` do not say who is
-    pictured: -1.
+    in sorted order of the faces present. Pointing'04: the person's number (1-15), which the
+    loader puts in each sample. AFLW2000 and the BIWI ``.npz`` do not say who is pictured: -1.
     """
+    if samples and all(s.identity is not None for s in samples):
+        return np.array([s.identity for s in samples], dtype=np.int64)
     if dataset.name != "300wlp":
         return np.full(len(samples), -1, dtype=np.int64)
     faces = [_VIEW_SUFFIX.sub("", s.key.rsplit("/", 1)[-1]) for s in samples]
@@ -117,7 +127,7 @@ def process_sample(
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Crop + resize one image: ``(3, r, r)`` uint8 RGB and the crop box in source pixels."""
     source = str(sample.image_path or sample.key)
-    crop, box = protocol_crop(image, sample.pt2d, preset, k, source)
+    crop, box = protocol_crop(image, sample.pt2d, preset, k, source, box=sample.box)
     if box is None:
         box = (0, 0, image.shape[1], image.shape[0])
     out = resize_square(crop, resolution, resize)
@@ -139,6 +149,8 @@ def _content_digest(samples: list[RealSample]) -> str:
         h.update(np.asarray(s.euler, dtype=np.float64).tobytes())
         if s.pt2d is not None:
             h.update(np.ascontiguousarray(s.pt2d, dtype=np.float64).tobytes())
+        if s.box is not None:
+            h.update(np.asarray(s.box, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
