@@ -378,6 +378,9 @@ class PrepareConfig:
     biwi_channels: str = "bgr"
     #: images decoded in parallel by this many worker processes (0 = in this process)
     workers: int = 0
+    #: a label budget: keep only this many of the kept images, spread evenly over identities,
+    #: chosen with ``seed`` (0 = all)
+    max_images: int = 0
 
 
 @dataclass
@@ -592,6 +595,7 @@ def check_prepare(pc: Any, path: str = "prepare") -> None:
     need(pc["resize"] in RESIZE_MODES, "resize", "one of " + ", ".join(RESIZE_MODES))
     need(pc["split"] in ("", "train", "test"), "split", "train or test")
     need(pc["workers"] >= 0, "workers", "an integer >= 0")
+    need(pc["max_images"] >= 0, "max_images", "an integer >= 0 (0 = all)")
 
 
 #: the checks of each section type, run wherever such a section appears

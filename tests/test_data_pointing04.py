@@ -146,3 +146,38 @@ def test_prepare_store_crops_the_box_and_keeps_the_person(tmp_path, capsys):
             assert box[2] - box[0] > boxes[key][2] - boxes[key][0]  # the margin grows the box
             img = Image.open(tmp_path / "P" / f"{key}.jpg").convert("RGB")
             assert f["images"][i].shape == (3, 24, 24) and img.size == (96, 72)
+
+
+def test_label_budget_is_balanced_nested_and_seeded(tmp_path):
+    from clerf.data.prepare import select_budget
+
+    make_pointing04(tmp_path, people=(1, 2, 3), series=(1, 2))
+    samples = open_dataset("pointing04", tmp_path).samples  # 3 people x 8 images
+    b5 = select_budget(samples, 5, seed=0)
+    b9 = select_budget(samples, 9, seed=0)
+    assert len(b5) == 5 and len(b9) == 9
+    counts = [sum(s.identity == p for s in b9) for p in (1, 2, 3)]
+    assert counts == [3, 3, 3]  # evenly over the people
+    assert max(sum(s.identity == p for s in b5) for p in (1, 2, 3)) == 2
+    assert {s.key for s in b5} <= {s.key for s in b9}  # a smaller budget is nested
+    assert [s.key for s in b9] == [s.key for s in samples if s in b9]  # order kept
+    assert select_budget(samples, 9, seed=0) == b9
+    assert select_budget(samples, 9, seed=1) != b9
+    assert select_budget(samples, 100, seed=0) == samples
+
+
+def test_prepare_with_a_label_budget(tmp_path, capsys):
+    make_pointing04(tmp_path / "P", people=(1, 2), series=(1, 2))
+    out = tmp_path / "b.h5"
+    code = main(["prepare", "--no-progress", "pointing04", str(tmp_path / "P"), "--out", str(out),
+                 "--resolution", "16", "--split", "train", "prepare.max_images=6"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    store = open_store(out, verify=True)
+    assert store.attrs["num_images"] == 6 and store.attrs["budget_max_images"] == 6
+    assert store.attrs["budget_of_kept"] == 16
+    with h5py.File(out) as f:
+        assert sorted(f["identities"][:].tolist()) == [1, 1, 1, 2, 2, 2]
+    code = main(["prepare", "--no-progress", "pointing04", str(tmp_path / "P"), "--out",
+                 str(tmp_path / "c.h5"), "prepare.max_images=-1"])
+    assert code != 0 and "prepare.max_images" in capsys.readouterr().err

@@ -231,7 +231,7 @@ def test_overwrite_and_existing_output(tmp_path, capsys):
         (["aflw2000", "{A}", "prepare.resize=squash"], 2, "prepare.resize: expected one of center"),
         (["aflw2000", "{A}", "prepare.bogus=1"], 2, "prepare.bogus"),
         (["aflw2000", "{A}", "prepare.max_abs_angle=10"], 1, "no sample left"),
-        (["aflw2000", "{A}", "prepare.subsets=[AFW]"], 2, "300wlp only"),
+        (["aflw2000", "{A}", "prepare.subsets=[AFW]"], 2, "300wlp and pointing04 only"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, code, message):

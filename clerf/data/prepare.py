@@ -48,7 +48,10 @@ from clerf.data.crop import (
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import PROTOCOL_MAX_ABS_ANGLE
 
-__all__ = ["PrepareResult", "run_prepare", "build_dataset", "identities_of", "process_sample"]
+__all__ = [
+    "PrepareResult", "run_prepare", "build_dataset", "identities_of", "process_sample",
+    "select_budget",
+]
 
 log = logging.getLogger("clerf.data")
 
@@ -115,6 +118,33 @@ def identities_of(dataset: RealDataset, samples: list[RealSample]) -> np.ndarray
     faces = [_VIEW_SUFFIX.sub("", s.key.rsplit("/", 1)[-1]) for s in samples]
     ids = {f: i for i, f in enumerate(sorted(set(faces)))}
     return np.array([ids[f] for f in faces], dtype=np.int64)
+
+
+def select_budget(samples: list[RealSample], n: int, seed: int) -> list[RealSample]:
+    """A label budget: ``n`` of ``samples``, spread as evenly as possible over identities.
+
+    Identities (unknown ones count as one group) take turns in a seeded random order, each
+    giving its next image of a seeded shuffle, until ``n`` are picked; the result keeps the
+    samples' order. Deterministic in ``(samples, n, seed)``; a smaller budget of the same seed
+    is a subset of a larger one.
+    """
+    if n >= len(samples):
+        return list(samples)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xB0D6E7]))
+    groups: dict[object, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.identity, []).append(i)
+    order = [list(rng.permutation(idx)) for _, idx in sorted(groups.items(), key=lambda kv:
+                                                              str(kv[0]))]
+    turn = list(rng.permutation(len(order)))
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:
+        for g in turn:
+            if depth < len(order[g]) and len(picked) < n:
+                picked.append(int(order[g][depth]))
+        depth += 1
+    return [samples[i] for i in sorted(picked)]
 
 
 def process_sample(
@@ -201,6 +231,11 @@ def run_prepare(
     if not samples:
         raise DataError(f"{ds.root}: no sample left to prepare ({report.summary()})")
     seed = int(cfg.seed)
+    scanned_kept = len(samples)
+    if int(pc.max_images) > 0:
+        samples = select_budget(samples, int(pc.max_images), seed)
+        log.info("%s: a label budget of %d of the %d kept images (seed %d, spread evenly over "
+                 "identities)", ds.name, len(samples), scanned_kept, seed)
     ks = [sample_k(preset, seed, s.key) if preset.enabled else float("nan") for s in samples]
     rotations = rotations_of(samples).numpy()
     identities = identities_of(ds, samples)
@@ -225,6 +260,8 @@ def run_prepare(
         "max_abs_angle": ds.max_abs_angle,
         "samples": _content_digest(samples),
     }
+    if int(pc.max_images) > 0:  # (absent otherwise: older partial stores still resume)
+        fingerprint["max_images"] = int(pc.max_images)
     prov = {k: v for k, v in provenance(cfg).items() if k not in _RESERVED_PROVENANCE}
     attrs = {
         **prov,
@@ -242,7 +279,11 @@ def run_prepare(
                                  "matrix round trip (yaw may exceed 90)",
         "interpolation": INTERPOLATION,
         "channel_order": "RGB",
-        "identity_meaning": "300W-LP source face id" if ds.name == "300wlp" else "unknown (-1)",
+        "identity_meaning": {"300wlp": "300W-LP source face id",
+                             "pointing04": "Pointing'04 person (1-15)"}.get(ds.name,
+                                                                         "unknown (-1)"),
+        "budget_max_images": int(pc.max_images),
+        "budget_of_kept": int(scanned_kept),
     }
     import h5py
 
