@@ -69,6 +69,9 @@ class TripletsConfig:
     num_identities: int = 1000
     #: triplets per seeded sampling block: triplet t depends only on (seed, t, sampling_block)
     sampling_block: int = 256
+    #: ``clerf real-anchor``: triplets per real image (each with its own rendered identities and
+    #: negative), so a small labelled set still gives a pretraining budget of any size
+    anchor_repeats: int = 1
 
 
 @dataclass

@@ -127,6 +127,25 @@ def test_real_anchor_deterministic_and_resumable(tmp_path, monkeypatch):
     assert content_hash(other.path) != content_hash(ref.path)
 
 
+def test_anchor_repeats_tile_the_anchors_with_new_renders(tmp_path):
+    real = _real_store(tmp_path)
+    one = run_real_anchor(_cfg(), real, tmp_path / "one.h5")
+    res = run_real_anchor(_cfg("triplets.anchor_repeats=3"), real, tmp_path / "three.h5")
+    assert res.num_triplets == 3 * one.num_triplets == 42
+    table = open_store(res.path).triplet_table()
+    np.testing.assert_array_equal(table[:, 0], np.tile(np.arange(14), 3))  # tiled passes
+    batch = TripletDataset(res.path).read_batch(np.arange(42))
+    R, ids = batch["rotations"].double(), batch["identities"]
+    assert float(geodesic_distance(R[:, 0], R[:, 1]).max()) < 0.05
+    assert float(geodesic_distance(R[:, 0], R[:, 2]).min()) >= 40 - 1e-3
+    # each pass over an anchor brings its own rendered identity (not a copy of the first pass)
+    assert (ids[:14, 1] != ids[14:28, 1]).any() and (ids[14:28, 1] != ids[28:, 1]).any()
+    with h5py.File(res.path) as f:
+        assert int(f.attrs["anchor_repeats"]) == 3
+    with pytest.raises(ConfigError, match="anchor_repeats"):
+        run_real_anchor(_cfg("triplets.anchor_repeats=0"), real, tmp_path / "zero.h5")
+
+
 def test_unreachable_anchors_are_counted(tmp_path, caplog):
     real = _real_store(tmp_path)
     cfg = _cfg("generator.name=test_triplets_real_anchor:YawLimitedGenerator")

@@ -128,7 +128,8 @@ def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "generator": {"name": cfg.generator.name, "resolution": int(cfg.generator.resolution),
                       "params": to_dict(cfg.generator)["params"]},
-        "triplets": to_dict(cfg)["triplets"],
+        # anchor_repeats is real-anchor's alone: generated stores made before it existed match
+        "triplets": {k: v for k, v in to_dict(cfg)["triplets"].items() if k != "anchor_repeats"},
     }
 
 

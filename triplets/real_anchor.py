@@ -22,6 +22,9 @@ datasets (rows ``[0, N_real)`` = the labelled store, then the renders) and ``tri
 are listed in the ``shards`` attribute, so :func:`triplets.store.open_store` checks that both are
 present and complete. Keep the three files in their folders (paths are stored relative).
 
+With ``triplets.anchor_repeats = k`` every real image anchors ``k`` triplets (tiled: triplet
+``j`` has anchor ``j mod n``), each with its own rendered identities and negative.
+
 Identities: real rows keep the labelled store's ids (300W-LP face id or -1), rendered rows hold
 generator identities; the two namespaces are unrelated (attribute ``identity_namespaces``).
 Real images the generator cannot render (``reachable`` is false, e.g. EG3D beyond its yaw range)
@@ -100,7 +103,7 @@ def run_real_anchor(
 
     Uses ``cfg.seed``, ``cfg.generator`` (name, params, device; renders at the real store's
     resolution), ``cfg.triplets`` (``delta``, ``negatives``, ``hard_negatives``,
-    ``num_identities``, ``sampling_block`` and the pose ranges for ``negatives: poses``) and
+    ``num_identities``, ``sampling_block``, ``anchor_repeats`` and the pose ranges for ``negatives: poses``) and
     ``cfg.store`` (compression, chunk size, rounded up to an even number of images).
 
     Raises:
@@ -114,6 +117,12 @@ def run_real_anchor(
     poses, rule, gen = _build(cfg)
     R_real = torch.from_numpy(real.file["rotations"][:].astype(np.float64))
     anchor_rows, unreachable = _reachable_anchors(R_real, gen, real)
+    repeats = int(cfg.triplets.anchor_repeats)
+    if repeats < 1:
+        raise ConfigError(f"triplets.anchor_repeats must be at least 1, got {repeats}")
+    # Repeats are tiled: pass k over all anchors comes before pass k + 1, so every prefix of
+    # the triplets covers the anchors evenly.
+    anchor_rows = anchor_rows.repeat(repeats)
     n_real, n_t = len(R_real), len(anchor_rows)
     R_anchor = R_real[anchor_rows]
     try:
@@ -149,6 +158,7 @@ def run_real_anchor(
         "count_unreachable_anchors": int(unreachable),
         "identity_namespaces": "rows < num_real: labelled store ids; others: generator ids",
         "num_real": int(n_real),
+        "anchor_repeats": int(repeats),
         "source_dataset": str(real.attrs.get("source_dataset", "")),
     })
     return RealAnchorResult(out, rp, n_t, int(unreachable))
@@ -211,6 +221,8 @@ def _fingerprint(cfg: DictConfig, real: Store, R_anchor: Tensor, anchor_rows: Te
         "triplets": {k: c["triplets"][k] for k in (
             "delta", "negatives", "hard_negatives", "num_identities", "sampling_block", "poses",
             "pitch_range", "yaw_range", "roll_range", "max_camera_angle", "inplane_range")},
+        **({"anchor_repeats": int(cfg.triplets.anchor_repeats)}
+           if int(cfg.triplets.anchor_repeats) != 1 else {}),
         "real_store": str(real.attrs.get("fingerprint", "")),
         "anchors": hashlib.blake2b(
             R_anchor.numpy().tobytes() + anchor_rows.numpy().tobytes(), digest_size=16
