@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test quickstart lint bench ablation clean
+.PHONY: setup test quickstart lint bench ablation real-study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ ablation: $(STAMP)
 	for v in a_hopenet b_6d_geometric c_clerf d_supervised; do \
 		$(BIN)/clerf pipeline configs/ablation/$$v.yaml --out runs/ablation/$$v --no-progress || exit 1; \
 	done
+
+# CLERF's claims on real faces (docs/real_faces.md): resumable, skips every finished step.
+#   make real-study P04=/data/Prima AFLW=/data/AFLW2000     (SEEDS=0 for one seed)
+SEEDS ?= 0,1,2
+real-study: $(STAMP)
+	$(BIN)/python studies/real_study.py --out runs/real --seeds $(SEEDS) \
+		$(if $(P04),--pointing04 $(P04)) $(if $(AFLW),--aflw2000 $(AFLW))
 
 clean:
 	rm -rf $(VENV)

@@ -103,7 +103,8 @@ def run_real_anchor(
 
     Uses ``cfg.seed``, ``cfg.generator`` (name, params, device; renders at the real store's
     resolution), ``cfg.triplets`` (``delta``, ``negatives``, ``hard_negatives``,
-    ``num_identities``, ``sampling_block``, ``anchor_repeats`` and the pose ranges for ``negatives: poses``) and
+    ``num_identities``, ``sampling_block``, ``anchor_repeats`` and the pose ranges for
+    ``negatives: poses``) and
     ``cfg.store`` (compression, chunk size, rounded up to an even number of images).
 
     Raises:

@@ -13,7 +13,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "prepare",
         parents=parents,
-        help="convert 300W-LP / AFLW2000 / BIWI into a labelled store (protocol crop + filter)",
+        help="convert 300W-LP / AFLW2000 / BIWI / Pointing'04 into a labelled store "
+             "(protocol crop + filter)",
         description=(
             "Scan a real dataset (no file lists), keep the samples whose three angles are within "
             "+-99 deg (counts logged and stored), crop with the protocol crop, resize, and write "
@@ -27,12 +28,13 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--resolution", type=int, default=None, help="stored image size (default 64)")
     p.add_argument(
         "--split", choices=("train", "test"), default=None,
-        help="role of the data; picks the crop preset (default: 300wlp train, others test)",
+        help="role of the data; picks the crop preset (default: 300wlp train, others test; "
+             "Pointing'04 uses its box either way)",
     )
     p.add_argument(
         "--crop", default=None, metavar="PRESET",
         help="crop preset: hopenet_train, hopenet_test, hopenet_test_corrected, train_rule_k02, "
-             "none",
+             "pointing04_box, none (default: the dataset's own for the split)",
     )
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default 0)")
     p.add_argument(

@@ -75,7 +75,7 @@ class PrepareResult:
 def build_dataset(pc: DictConfig | Any) -> RealDataset:
     """The (unscanned) loader a ``prepare`` config section describes."""
     if not pc.dataset:
-        raise ConfigError("prepare.dataset is empty: give 300wlp, aflw2000 or biwi")
+        raise ConfigError("prepare.dataset is empty: give 300wlp, aflw2000, biwi or pointing04")
     if not pc.root:
         raise ConfigError("prepare.root is empty: give the dataset's directory (BIWI: .npz)")
     cls = dataset_class(pc.dataset)

@@ -1,0 +1,84 @@
+"""The real-faces study's chain at toy scale, through the CLI with the study's own configs.
+
+Pointing'04 files in their exact format -> a label budget -> CLERF's real-anchor triplets
+(anchor_repeats) -> contrastive pretraining on them -> fine-tune from that encoder -> evaluate.
+Measures nothing: it checks that every command of docs/real_faces.md's (f) row runs end to end
+and that what each step hands on is what the next one reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from fixtures_data import make_pointing04
+
+from clerf.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = REPO / "configs" / "real"
+TINY = ["encoder.input_size=32", "encoder.embedding_dim=16", "encoder.projection_hidden=32",
+        "head.hidden=16", "head.sphere_points=64"]
+
+
+def _ok(argv: list[str], capsys) -> str:
+    code = main(argv)
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    return cap.out
+
+
+@pytest.mark.slow
+def test_real_anchor_chain_of_the_study(tmp_path, capsys):
+    root = tmp_path / "Prima"
+    make_pointing04(root, people=(1, 2, 11, 13),
+                    poses=((0, 0), (60, 90), (-90, 0), (15, -45), (-30, 30), (0, -90)))
+    train, val = tmp_path / "train.h5", tmp_path / "val.h5"
+    _ok(["prepare", "pointing04", str(root), "--out", str(train), "--split", "train",
+         "--resolution", "32", "prepare.subsets=[train]", "prepare.max_images=8",
+         "--no-progress"], capsys)
+    _ok(["prepare", "pointing04", str(root), "--out", str(val), "--resolution", "32",
+         "prepare.subsets=[val]", "--no-progress"], capsys)
+    with h5py.File(train) as f:
+        assert len(f["images"]) == 8 and sorted(set(f["identities"][:])) == [1, 2]
+        assert int(f.attrs["budget_max_images"]) == 8
+
+    ra = tmp_path / "ra.h5"
+    out = _ok(["real-anchor", str(train), "--out", str(ra), "--config",
+               str(CFG / "f_real_anchor.yaml"), "triplets.anchor_repeats=3",
+               "store.chunk_images=8", "--no-progress"], capsys)
+    assert "wrote 24 real-anchor triplets" in out
+    with h5py.File(ra) as f:
+        table = f["triplets"][:]
+    np.testing.assert_array_equal(table[:, 0], np.tile(np.arange(8), 3))
+
+    pre = tmp_path / "pretrain"
+    _ok(["pretrain", str(CFG / "f_real_anchor.yaml"), "--out", str(pre),
+         f"pretrain.train_store={ra}", f"pretrain.val_store={val}", "pretrain.val_size=8",
+         "pretrain.train.max_steps=2", "pretrain.train.batch_size=4",
+         "pretrain.train.progress=false", "pretrain.train.checkpoint_every=0", *TINY], capsys)
+    assert (pre / "summary.json").exists()
+
+    ft = tmp_path / "finetune"
+    _ok(["finetune", str(CFG / "f_real_anchor.yaml"), "--out", str(ft),
+         f"finetune.encoder={pre}", f"finetune.train_store={train}",
+         f"finetune.val_store={val}", "finetune.train.max_steps=2",
+         "finetune.train.batch_size=4", "finetune.train.progress=false",
+         "finetune.train.checkpoint_every=0", *TINY[3:]], capsys)
+    summary = json.loads((ft / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["images_seen"] == 8
+    assert "val/geodesic_deg" in summary["evaluation"]  # the validation people, at the end
+    from omegaconf import OmegaConf
+
+    used = OmegaConf.load(ft / "config.yaml")  # the resolved config of the run
+    assert Path(used.finetune.encoder) == pre and used.head.type == "sphere"
+
+    ev = tmp_path / "eval"
+    _ok(["evaluate", str(ft / "model"), "--data", str(val), "--protocol",
+         "standard,rotated,flipped", "--out", str(ev), "--no-figures"], capsys)
+    rep = json.loads((ev / "report.json").read_text())
+    std = rep["models"][0]["results"]["standard"]["pooled"]
+    assert std["n"] == 6 and 0.0 <= std["geodesic"]["mean"] <= 180.0
