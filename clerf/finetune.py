@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
 from clerf.config import OUT_OF_RANGE_POLICIES, check_finetune, check_head
+from clerf.devices import is_main_process
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic
 from clerf.models.encoder import ENCODER_KIND, Encoder, EncoderSpec, build_encoder
@@ -262,14 +263,23 @@ class FinetuneData:
             train_data = _open_labelled(fc.train_store, "finetune.train_store")
         info = _store_info(train_data)
         cap = int(fc.val_max_images)
+        # The per-epoch evaluation runs on the main process only, so only it reads or renders
+        # the held-out set; every rank checks it (an error on one rank alone would hang the
+        # others).
+        main = is_main_process()
         if val_data is None and streaming and not fc.val_store and int(fc.stream.val_size):
             from clerf.streaming import held_out_labelled
 
-            val_data = held_out_labelled(cfg, int(fc.stream.val_size),
-                                         int(fc.stream.val_seed_offset))  # fmt: skip
+            if int(fc.stream.val_size) < 2:
+                raise ConfigError(f"finetune.stream.val_size: expected an integer >= 2, got "
+                                  f"{fc.stream.val_size}")  # fmt: skip
+            if main:
+                val_data = held_out_labelled(cfg, int(fc.stream.val_size),
+                                             int(fc.stream.val_seed_offset))  # fmt: skip
         elif val_data is None and fc.val_store:
             val_ds = _open_labelled(fc.val_store, "finetune.val_store")
-            val_data = _read_val(val_ds, 0, len(val_ds), cap)
+            span = _val_span(0, len(val_ds), cap)
+            val_data = val_ds.read_batch(span) if main else None
         elif val_data is None and float(fc.val_fraction) > 0 and not streaming:
             n = len(train_data)
             n_val = int(round(n * float(fc.val_fraction)))
@@ -278,7 +288,8 @@ class FinetuneData:
                     f"finetune.val_fraction={fc.val_fraction} of {n} images leaves {n_val} "
                     f"held-out and {n - n_val} training images; need at least 2 and 1"
                 )
-            val_data = _read_val(train_data, n - n_val, n, cap)
+            span = _val_span(n - n_val, n, cap)
+            val_data = train_data.read_batch(span) if main else None
             train_data = _Prefix(train_data, n - n_val)
         data = cls(train=train_data, info=info)
         if val_data is not None:
@@ -289,12 +300,13 @@ class FinetuneData:
         return data
 
 
-def _read_val(dataset: Any, start: int, stop: int, cap: int) -> dict[str, Tensor]:
+def _val_span(start: int, stop: int, cap: int) -> list[int]:
+    """The held-out rows (contiguous: one slice per chunk), at most ``cap``; at least 2."""
     if cap:
         stop = min(stop, start + cap)
     if stop - start < 2:
         raise DataError(f"finetune: the held-out set has {stop - start} image(s); need >= 2")
-    return dataset.read_batch(list(range(start, stop)))  # contiguous: one slice per chunk
+    return list(range(start, stop))
 
 
 class FinetuneTask(Task):

@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from clerf.config import DISPLAY_KEYS, ExperimentConfig, first_difference, save_resolved, to_dict
+from clerf.devices import is_main_process
 from clerf.errors import ConfigError, DataError
 
 __all__ = ["STAGES", "run_pipeline", "stage_configs"]
@@ -163,7 +164,13 @@ def run_pipeline(
     if not progress:
         cfg = _derive(cfg, {"pretrain.train.progress": False, "finetune.train.progress": False})
     sc = stage_configs(cfg, out)
-    save_resolved(cfg, out)
+    # Under several processes every rank runs the stages (each is distributed), but the
+    # pipeline's own files and messages come from the main process only.
+    main = is_main_process()
+    if not main:
+        log = _silent
+    else:
+        save_resolved(cfg, out)
     stages = list(cfg.pipeline.stages)
     timings: dict[str, float] = {}
 
@@ -208,13 +215,19 @@ def run_pipeline(
         report = _evaluate(cfg, sc, progress, log)
         timings["evaluate"] = report.pop("_seconds", 0.0)
         table = _results_table(cfg, report)
-        (out / "results.md").write_text(table + "\n")
+        if main:
+            (out / "results.md").write_text(table + "\n")
         log(table)
-    timing_file = out / "timings.json"
-    old = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    timing_file.write_text(json.dumps({**old, **timings}, indent=2))
+    if main:
+        timing_file = out / "timings.json"
+        old = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+        timing_file.write_text(json.dumps({**old, **timings}, indent=2))
     return {"report": report, "timings": timings,
             "paths": {k: str(v) for k, v in sc.items() if isinstance(v, Path)}}
+
+
+def _silent(message: str) -> None:
+    """The log of a rank other than the main one."""
 
 
 def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
@@ -237,7 +250,8 @@ def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
     opts = EvaluateOptions.from_config(cfg.evaluate)
     report = run_evaluate([str(model)], directory, data=str(sc["test_store"]), opts=opts,
                           names=[str(cfg.name)], cfg=cfg)
-    save_resolved(cfg, directory, "pipeline_config.yaml")
+    if is_main_process():
+        save_resolved(cfg, directory, "pipeline_config.yaml")
     report["_seconds"] = time.perf_counter() - t0
     return report
 

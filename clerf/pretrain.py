@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from clerf.augment import PoseAugment
+from clerf.devices import is_main_process
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic, geodesic_distance
 from clerf.losses import build_loss
@@ -135,11 +136,18 @@ class PretrainTask(Task):
             from clerf.streaming import build_stream
 
             train_data = build_stream(cfg, "pretrain")
+        # The retrieval check runs on the main process only: only it reads or renders the
+        # held-out set (every rank checks its inputs, so that a bad one stops all of them).
+        main = is_main_process()
         if val_data is None and pc.stream.enabled and not pc.val_store and int(pc.stream.val_size):
             from clerf.streaming import held_out_labelled
 
-            val_data = held_out_labelled(cfg, int(pc.stream.val_size),
-                                         int(pc.stream.val_seed_offset), stage="pretrain")
+            if int(pc.stream.val_size) < 2:
+                raise ConfigError(f"pretrain.stream.val_size: expected an integer >= 2, got "
+                                  f"{pc.stream.val_size}")  # fmt: skip
+            if main:
+                val_data = held_out_labelled(cfg, int(pc.stream.val_size),
+                                             int(pc.stream.val_seed_offset), stage="pretrain")
         if train_data is None:
             from triplets.store import TripletDataset
 
@@ -150,7 +158,10 @@ class PretrainTask(Task):
 
             ds = LabelledDataset(_check_store_path(pc.val_store, "pretrain.val_store"))
             n = min(int(pc.val_size), len(ds))
-            val_data = ds.read_batch(list(range(n)))  # one contiguous read
+            if n < 2:
+                raise DataError("pretrain.val_store: needs at least 2 images for the check")
+            if main:
+                val_data = ds.read_batch(list(range(n)))  # one contiguous read
         self.val_images, self.val_rotations = self._prepare_val(val_data)
 
     def _prepare_val(self, val: Mapping[str, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:

@@ -88,11 +88,22 @@ def render_seed(seed: int, identity: int, target: Tensor) -> int:
 
 
 def _forked_devices(device: torch.device | str) -> list[int]:
-    """CUDA devices whose generators :func:`torch.random.fork_rng` must save and restore."""
+    """CUDA devices whose generators :func:`torch.random.fork_rng` must save and restore: the
+    render device only (forking every visible GPU would open a CUDA context on each of them
+    from every rank)."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return []
-    return list(range(torch.cuda.device_count()))
+    return [dev.index if dev.index is not None else torch.cuda.current_device()]
+
+
+def _seed_render_rng(seed: int, cuda_devices: list[int]) -> None:
+    """Seed the CPU generator and those of ``cuda_devices`` (the render device) only:
+    ``torch.manual_seed`` would reseed every visible GPU, outside what ``fork_rng`` restores."""
+    torch.random.default_generator.manual_seed(seed)
+    for d in cuda_devices:
+        with torch.cuda.device(d):
+            torch.cuda.manual_seed(seed)
 
 
 def load_network(checkout: str | Path | None, network: str | Path | None, trust_pickle: bool,
@@ -358,8 +369,9 @@ class GANAdapter(PoseGenerator):
             # generator: fork it and seed it per (seed, identity, target) around each call, so a
             # sample's image never depends on what was rendered before or beside it.
             for i in range(len(ids)):
-                with torch.random.fork_rng(devices=_forked_devices(dev)):
-                    torch.manual_seed(render_seed(self.seed, int(ids[i]), R[i]))
+                forked = _forked_devices(dev)
+                with torch.random.fork_rng(devices=forked):
+                    _seed_render_rng(render_seed(self.seed, int(ids[i]), R[i]), forked)
                     img = self._synthesize(z[i : i + 1], cond[i : i + 1], cams[i : i + 1])
                 out.append(self._finish(img.float(), phi[i : i + 1].to(dev, torch.float32), res))
         else:

@@ -394,3 +394,27 @@ def test_finetune_can_start_from_the_encoder_of_an_earlier_finetune(blob_store, 
                          model.encoder.backbone.state_dict().values(), strict=True):  # fmt: skip
         assert torch.equal(a, b), k
     assert model.head_config["type"] == "binned"
+
+
+@pytest.mark.parametrize("how", ["val_store", "val_fraction", "stream"])
+def test_only_the_main_process_reads_or_renders_the_held_out_set(blob_store, monkeypatch, how):
+    from clerf.finetune import FinetuneData
+
+    over = {"val_store": [f"finetune.train_store={blob_store}",
+                          f"finetune.val_store={blob_store}"],
+            "val_fraction": [f"finetune.train_store={blob_store}", "finetune.val_fraction=0.25"],
+            "stream": ["finetune.stream.enabled=true", "finetune.stream.val_size=4",
+                       "finetune.stream.epoch_size=8", "generator.resolution=16"]}[how]
+    cfg = _cfg(*over, size=16)
+    monkeypatch.setenv("RANK", "0")
+    main_data = FinetuneData.from_config(cfg)
+    assert main_data.val_images is not None and main_data.val_images.shape[0] >= 4
+    monkeypatch.setenv("RANK", "1")  # another rank of the launch: nothing held
+    other = FinetuneData.from_config(cfg)
+    assert other.val_images is None and other.val_rotations is None
+    assert len(other.train) == len(main_data.train)  # the same training split on every rank
+    # a held-out set too small is an error on every rank, not on the main one alone
+    bad = {"val_store": "finetune.val_max_images=1", "val_fraction": "finetune.val_fraction=0.01",
+           "stream": "finetune.stream.val_size=1"}[how]
+    with pytest.raises((ConfigError, DataError)):
+        FinetuneData.from_config(_cfg(*over, bad, size=16))

@@ -127,3 +127,20 @@ def test_evaluate_without_a_model_is_a_clear_error(tmp_path, capsys):
                  "pipeline.stages=[evaluate]", *TINY])
     assert code == 1
     assert "no model at" in capsys.readouterr().err
+
+
+def test_only_the_main_process_writes_the_pipeline_files(tmp_path, monkeypatch):
+    """Under several processes every rank runs the (distributed) stages; config.yaml,
+    results.md and timings.json come from the main process alone."""
+    cfg = _cfg("pipeline.stages=[generate]")
+    monkeypatch.setenv("RANK", "1")
+    logs: list[str] = []
+    out = tmp_path / "run"
+    # the stage itself is stubbed: only the pipeline's own files and messages are checked
+    monkeypatch.setattr("triplets.generate.run_generate", lambda *a, **k: None)
+    run_pipeline(cfg, out, progress=False, log=logs.append)
+    assert not (out / "config.yaml").exists() and not (out / "timings.json").exists()
+    assert logs == []
+    monkeypatch.setenv("RANK", "0")
+    run_pipeline(cfg, out, progress=False, log=logs.append)
+    assert (out / "config.yaml").exists() and (out / "timings.json").exists() and logs

@@ -230,3 +230,16 @@ def test_two_process_accelerate_run_keeps_ranks_identical(stores, tmp_path):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["world_size"] == 2
     clerf.load_encoder(out)
+
+
+def test_only_the_main_process_holds_the_retrieval_check_set(stores, monkeypatch):
+    from clerf.errors import DataError
+    from clerf.pretrain import PretrainTask
+
+    cfg = load_config(overrides=_overrides(stores))
+    monkeypatch.setenv("RANK", "0")
+    assert PretrainTask(cfg).val_images.shape[0] == 48
+    monkeypatch.setenv("RANK", "1")
+    assert PretrainTask(cfg).val_images is None
+    with pytest.raises(DataError, match="at least 2 images"):  # checked on every rank
+        PretrainTask(load_config(overrides=_overrides(stores, "pretrain.val_size=1")))
