@@ -430,6 +430,10 @@ class FinetuneTask(Task):
         if ctx.is_main and epoch == int(fc.probe_epochs) and epoch > 0:
             ctx.accelerator.print(f"finetune: epoch {epoch}: probe done, encoder unfrozen")
 
+    def log_keys(self, model: nn.Module) -> tuple[str, ...]:
+        # the head's loss parts (absent from a step whose labels were all dropped) + counters
+        return (*model.head.loss_keys, "out_of_range", "dropped")
+
     def train_step(self, model: nn.Module, batch: Mapping[str, Any], ctx: StepContext):
         raw = ctx.accelerator.unwrap_model(model)
         images, R = batch["images"], batch["rotations"].float()

@@ -193,6 +193,9 @@ class PretrainTask(Task):
 
         return stage_loader(self.train_data, ctx, "pretrain.train_store")
 
+    def log_keys(self, model: nn.Module) -> tuple[str, ...]:
+        return ("pos_pairs", "neg_pairs", "table_pos_violations", "table_neg_dropped")
+
     def train_step(self, model: nn.Module, batch: Mapping[str, Any], ctx: StepContext):
         x, R = self.augment.triplets(batch["images"], batch["rotations"].float(), ctx.generator)
         b = x.shape[0]

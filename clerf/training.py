@@ -185,6 +185,14 @@ class Task(ABC):
         samples.
         """
 
+    def log_keys(self, model: nn.Module) -> tuple[str, ...]:
+        """The names of every log :meth:`train_step` may return, fixed for the run (``model``
+        is the raw model). A step may leave some out (e.g. a batch whose labels were all
+        dropped has no loss parts): such a key's mean is over the steps that had it. The
+        logging window reduces this one key set over processes, so ranks never disagree on
+        it; a step that returns an undeclared key is an error. Default: none."""
+        return ()
+
     def evaluate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """Cheap check of progress (main process only, no collectives). Default: nothing."""
         return {}
@@ -613,16 +621,22 @@ def fit(task: Task, cfg: DictConfig, out: str | Path, section: str) -> dict[str,
 
 
 class _Window:
-    """Step metrics of one logging window, summed on the device: read back once per window."""
+    """Step metrics of one logging window over a fixed key set: tensors summed on the device,
+    floats on the host, read back and reduced over processes once per window."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keys: Iterable[str] = ()) -> None:
         self.device = device
         # float64 where the device has it (exact enough to match a host-side sum)
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.keys = tuple(dict.fromkeys(("loss", *keys)))
+        self.index = {k: i for i, k in enumerate(self.keys)}
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        k = len(self.keys)
+        self.sums = torch.zeros(k, dtype=self.dtype, device=self.device)
+        self.host_sums = [0.0] * k
+        self.counts = [0] * k
         self.n = 0
         self.images = 0
         self.t0 = time.perf_counter()
@@ -630,19 +644,27 @@ class _Window:
 
     def add(self, loss: Tensor, logs: Mapping[str, Any], images: int) -> None:
         for k, v in (("loss", loss), *logs.items()):
+            i = self.index.get(k)
+            if i is None:
+                raise RuntimeError(f"training: the task logged '{k}', which its log_keys() "
+                                   f"does not declare ({', '.join(self.keys)})")  # fmt: skip
             if isinstance(v, Tensor):  # as a host-side float(v.float().mean()) would be
-                v = v.detach().float().mean().to(self.dtype)
+                self.sums[i] += v.detach().float().mean().to(self.dtype)
             else:
-                v = torch.tensor(float(v), dtype=self.dtype, device=self.device)
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+                self.host_sums[i] += float(v)
+            self.counts[i] += 1
         self.n += 1
         self.images += images
 
     def means(self, accelerator) -> dict[str, float]:
-        keys = sorted(self.sums)
-        means = (torch.stack([self.sums[k] for k in keys]) / self.n).to(torch.float32)
-        means = accelerator.reduce(means.to(accelerator.device), reduction="mean")
-        return dict(zip(keys, means.tolist(), strict=True))
+        """Per key: its sum over the window's steps and all processes over the number of
+        steps that logged it (a key no step logged is left out)."""
+        host = torch.tensor([self.host_sums, self.counts], dtype=self.dtype)
+        total = torch.stack([self.sums, host[0].to(self.device)]).sum(0)
+        both = torch.cat([total, host[1].to(self.device)]).to(accelerator.device)
+        both = accelerator.reduce(both, reduction="sum").tolist()
+        k = len(self.keys)
+        return {key: both[i] / both[k + i] for i, key in enumerate(self.keys) if both[k + i]}
 
     def seconds(self) -> float:
         return time.perf_counter() - self.t0 - self.paused
@@ -754,7 +776,8 @@ class Trainer:
 
             self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.section,
                             unit="step", dynamic_ncols=True)  # fmt: skip
-        self.window = _Window(self.accelerator.device)
+        self.window = _Window(self.accelerator.device,
+                              self.task.log_keys(self.accelerator.unwrap_model(self.model)))
         self.t_start = time.perf_counter()
         self.images_at_start = self.state.images
         while self.state.step < self.total_steps and self.state.epoch < self.epochs:

@@ -296,3 +296,20 @@ def test_heads_return_float32_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = head(x)
         assert all(v.dtype == torch.float32 for v in out.values()), cfg
+
+
+@pytest.mark.parametrize("head_type", ["binned", "rotation6d", "both", "sphere"])
+def test_loss_keys_are_exactly_the_parts_of_every_step(head_type):
+    """The training logs reduce head.loss_keys over processes: it must be what loss returns."""
+    from clerf.config import load_config
+    from clerf.geometry import random_rotation, rotation_from_euler
+    from clerf.models.heads import build_head
+
+    cfg = load_config(None, [f"head.type={head_type}", "head.hidden=16", "head.sphere_points=64"])
+    head = build_head(cfg.head, 8)
+    R = rotation_from_euler(torch.tensor([10.0, 0.0]), torch.tensor([-20.0, 30.0]),
+                            torch.tensor([5.0, -15.0]))
+    if head_type == "sphere":
+        R = random_rotation(2, torch.Generator().manual_seed(0))
+    _, parts = head.loss(head(torch.randn(2, 8)), R)
+    assert tuple(parts) == head.loss_keys

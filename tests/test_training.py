@@ -45,6 +45,9 @@ class ToyTask(Task):
         loss = ((model(x) - y) ** 2).mean()
         return loss, {"n": float(x.shape[0])}
 
+    def log_keys(self, model):
+        return ("n",)
+
     def evaluate(self, model, ctx):
         return {"val/mse": float(((model(self.x) - self.y) ** 2).mean())}
 
@@ -291,3 +294,40 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert first[2] == again[2]
+
+
+class _SumOverRanks:
+    """An accelerator stand-in whose reduce sums the tensors of several simulated ranks."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, others):
+        self.others = others  # the other ranks' tensors, in call order
+
+    def reduce(self, t, reduction):
+        assert reduction == "sum"
+        return t + self.others.pop(0)
+
+
+def test_window_means_use_one_key_set_and_per_key_counts():
+    from clerf.training import _Window
+
+    keys = ("ce_yaw", "dropped")
+    # rank 1: a step whose labels were all dropped logs no loss part
+    r1 = _Window(torch.device("cpu"), keys)
+    r1.add(torch.tensor(1.0), {"ce_yaw": torch.tensor(4.0), "dropped": 0.0}, 8)
+    r1.add(torch.tensor(3.0), {"dropped": 8.0}, 8)
+    # rank 0: both steps logged everything
+    r0 = _Window(torch.device("cpu"), keys)
+    r0.add(torch.tensor(2.0), {"ce_yaw": torch.tensor(2.0), "dropped": 0.0}, 8)
+    r0.add(torch.tensor(2.0), {"ce_yaw": torch.tensor(6.0), "dropped": 0.0}, 8)
+    k = len(r1.keys)
+    host1 = torch.tensor([r1.host_sums, r1.counts], dtype=torch.float64)
+    other = torch.cat([r1.sums + host1[0], host1[1]])
+    means = r0.means(_SumOverRanks([other]))
+    assert means["loss"] == pytest.approx(8.0 / 4)
+    assert means["ce_yaw"] == pytest.approx((2 + 6 + 4) / 3)  # not / 4: one step had none
+    assert means["dropped"] == pytest.approx(8.0 / 4)
+    assert len(other) == 2 * k  # every rank sends the same-length tensor, whatever it logged
+    with pytest.raises(RuntimeError, match="'mae_yaw'.*log_keys"):
+        r0.add(torch.tensor(1.0), {"mae_yaw": 1.0}, 8)

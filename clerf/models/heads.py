@@ -191,6 +191,12 @@ class PoseHead(nn.Module, ABC):
         """Boolean ``(B,)``: which labels this head can be trained on (all, unless binned)."""
         return torch.ones(rotations.shape[:-2], dtype=torch.bool, device=rotations.device)
 
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        """The names of the parts :meth:`loss` returns, the same at every step (the training
+        logs reduce one fixed key set over processes). Default: ``geodesic_deg``."""
+        return ("geodesic_deg",)
+
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description (saved with the model)."""
         return {"type": type(self).__name__, "in_features": self.in_features}
@@ -268,6 +274,10 @@ class BinnedEulerHead(PoseHead):
         return binned_loss(
             outputs["logits"], self.targets(rotations), self.spec, self.alpha, self.circular
         )
+
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        return tuple(f"{p}_{a}" for a in ANGLE_NAMES for p in ("ce", "mse", "mae"))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -372,6 +382,11 @@ class CombinedHead(PoseHead):
         lr, pr = self.rotation6d.loss(outputs, rotations)
         parts = {**pb, **pr, "loss_binned": lb.detach(), "loss_rotation6d": lr.detach()}
         return self.binned_weight * lb + self.rotation6d_weight * lr, parts
+
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        return (*self.binned.loss_keys, *self.rotation6d.loss_keys, "loss_binned",
+                "loss_rotation6d")
 
     def describe(self) -> dict[str, Any]:
         return {
