@@ -167,8 +167,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     #: clip the gradient norm (0 = off)
     grad_clip: float = 0.0
-    #: ``no``, ``fp16`` or ``bf16`` (accelerate)
-    mixed_precision: str = "no"
+    #: ``auto`` (follow the launcher: ``accelerate launch --mixed_precision`` or its config
+    #: file; ``no`` without one), or ``no``, ``fp16``, ``bf16``, which win over the launcher
+    mixed_precision: str = "auto"
     #: force the CPU even when an accelerator is present
     cpu: bool = False
     num_workers: int = 0
@@ -189,6 +190,13 @@ class TrainConfig:
     #: DDP option; needed when a task freezes parameters during training
     find_unused_parameters: bool = False
     channels_last: bool = False
+    #: ``batch_size`` is per process, so the effective batch is batch_size x processes x
+    #: grad_accum: ``linear`` multiplies ``lr`` by the number of processes (the linear scaling
+    #: rule), ``none`` keeps it as written
+    lr_scaling: str = "none"
+    #: BatchNorm statistics over all processes (SyncBatchNorm; CUDA/NCCL only) when there are
+    #: several: contrastive ``gather_distributed`` then compares embeddings normalised alike
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -463,7 +471,8 @@ class ExperimentConfig:
 
 
 #: enumerated values of the config (one definition; the stages read them from here)
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+LR_SCALINGS = ("none", "linear")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 PADDINGS = ("zeros", "border", "reflection")
@@ -496,8 +505,10 @@ def check_train(tc: Any, path: str = "train") -> None:
     need(tc["weight_decay"] >= 0, "weight_decay", "a number >= 0")
     need(tc["warmup_steps"] >= 0, "warmup_steps", "an integer >= 0")
     need(0 <= tc["min_lr_ratio"] <= 1, "min_lr_ratio", "a number in [0, 1]")
-    need(tc["mixed_precision"] in MIXED_PRECISIONS, "mixed_precision", "'no', 'fp16' or 'bf16'")
+    need(tc["mixed_precision"] in MIXED_PRECISIONS, "mixed_precision",
+         "'auto', 'no', 'fp16' or 'bf16'")
     need(tc["optimizer"] in OPTIMIZERS, "optimizer", "'adamw' or 'sgd'")
+    need(tc["lr_scaling"] in LR_SCALINGS, "lr_scaling", "'none' or 'linear'")
     need(tc["schedule"] in SCHEDULES, "schedule", "'cosine', 'linear' or 'constant'")
     need(tc["keep_checkpoints"] >= 1, "keep_checkpoints", "an integer >= 1")
     need(tc["num_workers"] >= 0, "num_workers", "an integer >= 0")
@@ -721,6 +732,11 @@ def load_config(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, str(path or "config"))) from exc
+    for section in ("pretrain", "finetune"):
+        # YAML reads a bare `no` as false, which the str field then holds as "False": the
+        # value accelerate and its launcher flag spell `no` is meant
+        if str(cfg[section].train.mixed_precision) in ("False", "false"):
+            cfg[section].train.mixed_precision = "no"
     check_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -759,6 +775,31 @@ def config_differences(old: Any, new: Any, ignore: frozenset[str] | set[str] = f
             out += config_differences(old.get(k), new.get(k), ignore, f"{prefix}{k}.")
         return out
     return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def effective_mixed_precision(value: str) -> str:
+    """The precision a ``train.mixed_precision`` value trains in: ``auto`` follows the launcher
+    (``ACCELERATE_MIXED_PRECISION``, which ``accelerate launch`` sets from ``--mixed_precision``
+    or its config file), ``no`` without one; explicit values as they are."""
+    import os
+
+    if str(value) != "auto":
+        return str(value)
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as run comparisons see it: each ``*.train.mixed_precision`` replaced by the
+    precision it trains in (a run saved with ``no`` resumes under ``auto`` without a
+    launcher, and the reverse)."""
+    out = dict(config)
+    for name, section in config.items():
+        if isinstance(section, dict) and isinstance(section.get("train"), dict) \
+                and "mixed_precision" in section["train"]:  # fmt: skip
+            train = dict(section["train"])
+            train["mixed_precision"] = effective_mixed_precision(train["mixed_precision"])
+            out[name] = {**section, "train": train}
+    return out
 
 
 def first_difference(old: Any, new: Any, ignore: frozenset[str] | set[str] = frozenset()

@@ -251,8 +251,13 @@ class PoseMetricLoss(nn.Module):
         else:
             tup = triplets_from_masks(pos, neg, self.max_triplets, generator)
         if tup[0].numel() == 0 or (self.name == "circle" and tup[2].numel() == 0):
-            # No usable pair: a zero that still depends on the parameters (DDP needs a graph).
-            return emb.sum() * 0.0, stats
+            # No usable pair: a zero that still depends on the parameters (DDP needs a graph)
+            # and, when gathered, on the gathered embeddings: the all-gather's backward is a
+            # collective every rank must enter, or the ranks that did find pairs wait forever.
+            zero = emb.sum() * 0.0
+            if ref_emb is not emb:
+                zero = zero + ref_emb.sum() * 0.0
+            return zero, stats
         loss = self.loss(emb, indices_tuple=tup, ref_emb=ref_emb)
         return loss, stats
 

@@ -28,7 +28,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from clerf.config import DISPLAY_KEYS, ExperimentConfig, first_difference, save_resolved, to_dict
+from clerf.config import (
+    DISPLAY_KEYS,
+    ExperimentConfig,
+    comparable,
+    first_difference,
+    save_resolved,
+    to_dict,
+)
 from clerf.devices import is_main_process
 from clerf.errors import ConfigError, DataError
 
@@ -127,9 +134,11 @@ def _training_state(stage_cfg: DictConfig, directory: Path, artefact: str, name:
     keys = STAGE_SECTIONS[name]
     if stage_cfg[name].stream.enabled:  # the data come from these sections, not from a store
         keys = (*keys, "generator", "triplets")
-    old = {k: v for k, v in to_dict(OmegaConf.load(saved)).items() if k in keys}
-    diff = first_difference(old, {k: v for k, v in to_dict(stage_cfg).items() if k in keys},
-                            DISPLAY_KEYS)
+    from clerf.training import saved_run_config
+
+    old = {k: v for k, v in saved_run_config(directory).items() if k in keys}
+    new = {k: v for k, v in comparable(to_dict(stage_cfg)).items() if k in keys}
+    diff = first_difference(old, new, DISPLAY_KEYS)
     if diff:
         raise DataError(
             f"{directory} was made from another config ({diff}); remove it or choose another --out"
@@ -241,7 +250,8 @@ def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
     report_file = directory / "report.json"
     marker = directory / "pipeline_config.yaml"
     if report_file.exists() and marker.exists():
-        diff = first_difference(to_dict(OmegaConf.load(marker)), to_dict(cfg), DISPLAY_KEYS)
+        diff = first_difference(comparable(to_dict(OmegaConf.load(marker))),
+                                comparable(to_dict(cfg)), DISPLAY_KEYS)
         if diff is None and report_file.stat().st_mtime >= (model / "config.json").stat().st_mtime:
             log(f"[evaluate] {report_file} is complete: skipped")
             return json.loads(report_file.read_text())

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -62,7 +63,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from clerf.config import check_train, config_differences, provenance, save_resolved, to_dict
+from clerf.config import (
+    check_train,
+    comparable,
+    config_differences,
+    effective_mixed_precision,
+    provenance,
+    save_resolved,
+    to_dict,
+)
 from clerf.errors import ConfigError, DataError, TrainingDiverged
 from clerf.files import write_text_atomic
 
@@ -76,6 +85,8 @@ __all__ = [
     "find_checkpoints",
     "CHECKPOINT_DIR",
 ]
+
+log = logging.getLogger("clerf.training")
 
 #: ``train`` keys that may differ when a run is resumed: the length of training (extending a run
 #: is a legitimate resume) and display-only settings (they change nothing that is computed)
@@ -216,8 +227,17 @@ class Task(ABC):
 # --------------------------------------------------------------------------- optimizer & schedule
 
 
-def build_optimizer(groups: list[dict[str, Any]], train_cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over ``groups``; each group's lr is ``train.lr * group.get('lr_scale', 1)``."""
+def base_lr(train_cfg: DictConfig, world_size: int = 1) -> float:
+    """``train.lr``, times the number of processes under ``train.lr_scaling: linear``."""
+    scale = world_size if str(train_cfg.get("lr_scaling", "none")) == "linear" else 1
+    return float(train_cfg.lr) * scale
+
+
+def build_optimizer(groups: list[dict[str, Any]], train_cfg: DictConfig,
+                    world_size: int = 1) -> torch.optim.Optimizer:  # fmt: skip
+    """AdamW or SGD over ``groups``; each group's lr is ``base_lr * group.get('lr_scale', 1)``
+    (:func:`base_lr`: ``train.lr``, scaled by the number of processes if asked)."""
+    lr = base_lr(train_cfg, world_size)
     torch_groups = []
     for i, g in enumerate(groups):
         params = [p for p in g["params"]]
@@ -225,7 +245,7 @@ def build_optimizer(groups: list[dict[str, Any]], train_cfg: DictConfig) -> torc
             continue
         tg = {
             "params": params,
-            "lr": float(train_cfg.lr) * float(g.get("lr_scale", 1.0)),
+            "lr": lr * float(g.get("lr_scale", 1.0)),
             "weight_decay": float(g.get("weight_decay", train_cfg.weight_decay)),
             "name": str(g.get("name", f"group{i}")),
         }
@@ -234,11 +254,11 @@ def build_optimizer(groups: list[dict[str, Any]], train_cfg: DictConfig) -> torc
         raise ConfigError("training: the task has no trainable parameters")
     name = str(train_cfg.optimizer).lower()
     if name == "adamw":
-        return torch.optim.AdamW(torch_groups, lr=float(train_cfg.lr))
+        return torch.optim.AdamW(torch_groups, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(
-            torch_groups, lr=float(train_cfg.lr), momentum=float(train_cfg.momentum), nesterov=True
-        )
+        momentum = float(train_cfg.momentum)
+        # Nesterov needs momentum: plain SGD at momentum 0 (torch refuses the combination)
+        return torch.optim.SGD(torch_groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     raise ConfigError(f"train.optimizer: expected 'adamw' or 'sgd', got '{train_cfg.optimizer}'")
 
 
@@ -580,13 +600,53 @@ def _step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + micro * 31) % (2**63 - 1)
 
 
+def _mixed_precision(tc: DictConfig, section: str) -> str:
+    """The precision to train in, said aloud when it is not what the config alone implies."""
+    asked = str(tc.mixed_precision)
+    used = effective_mixed_precision(asked)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if asked == "auto" and used != "no":
+        log.warning("%s.train.mixed_precision=auto: training in %s as the launcher says "
+                    "(accelerate launch --mixed_precision or its config file); set "
+                    "%s.train.mixed_precision=no for float32", section, used, section)
+    elif asked != "auto" and launcher and launcher != asked:
+        log.warning("%s.train.mixed_precision=%s wins over the launcher's %s", section, asked,
+                    launcher)
+    return used
+
+
+def _allow_precision(precision: str) -> None:
+    """Let this process's next ``Accelerator`` use ``precision``. accelerate keeps one
+    ``AcceleratorState`` per process and refuses another precision once it exists, so two
+    stages of one process (``clerf pipeline``: a bf16 pretraining, then a float32 fine-tune)
+    would fail; the state is reset then, the process group (``PartialState``) kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", precision)) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def saved_run_config(out: Path) -> dict[str, Any]:
+    """The config of the run in ``out`` as comparisons see it (:func:`clerf.config.comparable`),
+    with the precision it actually trained in (``mixed_precision_used`` of its provenance)
+    where recorded: ``auto`` then means what it meant for that run, not what it means now."""
+    old = comparable(to_dict(OmegaConf.load(out / "config.yaml")))
+    prov_file = out / "provenance.json"
+    prov = json.loads(prov_file.read_text()) if prov_file.is_file() else {}
+    used, stage = prov.get("mixed_precision_used"), prov.get("stage")
+    if used and isinstance(old.get(stage), dict) and isinstance(old[stage].get("train"), dict):
+        old[stage] = {**old[stage], "train": {**old[stage]["train"], "mixed_precision": used}}
+    return old
+
+
 def _check_resume_config(out: Path, cfg: DictConfig, section: str) -> None:
     """A run in ``out`` with a different config is an error (except the length of training)."""
     saved = out / "config.yaml"
     if not saved.is_file() or not find_checkpoints(out):
         return
-    old = to_dict(OmegaConf.load(saved))
-    new = to_dict(cfg)
+    old = saved_run_config(out)
+    new = comparable(to_dict(cfg))
     for key in RESUME_MAY_CHANGE:
         for d in (old, new):
             d.get(section, {}).get("train", {}).pop(key, None)
@@ -685,8 +745,10 @@ class Trainer:
         check_train(tc, f"{section}.train")  # as load_config does (derived configs too)
         self.out = out = Path(out)
         self.trackers = ["tensorboard"] if (tc.tensorboard and _tensorboard_available()) else None
+        precision = _mixed_precision(tc, section)
+        _allow_precision(precision)
         self.accelerator = Accelerator(
-            mixed_precision=str(tc.mixed_precision),
+            mixed_precision=precision,
             gradient_accumulation_steps=int(tc.grad_accum),
             cpu=bool(tc.cpu),
             log_with=self.trackers,
@@ -712,7 +774,13 @@ class Trainer:
         model = self.task.build_model()
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(self.task.param_groups(model, self.ctx), tc)
+        if tc.sync_batchnorm and acc.num_processes > 1:
+            if acc.device.type != "cuda":
+                raise ConfigError(f"{section}.train.sync_batchnorm: SyncBatchNorm needs CUDA "
+                                  f"devices (NCCL), not {acc.device.type}")  # fmt: skip
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer = build_optimizer(self.task.param_groups(model, self.ctx), tc,
+                                    acc.num_processes)  # fmt: skip
         self.loader = self.task.train_loader(self.ctx)
         try:
             micro_per_epoch = len(self.loader)  # type: ignore[arg-type]
@@ -727,12 +795,16 @@ class Trainer:
         self.micro_per_epoch = self.steps_per_epoch * int(tc.grad_accum)
         self.total_steps = int(tc.max_steps) or int(tc.epochs) * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.effective_batch = int(tc.batch_size) * acc.num_processes * int(tc.grad_accum)
         # The inputs are checked (model, optimizer, data): only now does anything appear in out.
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_resolved(self.cfg, self.out)
             info = provenance(self.cfg, stage=section, world_size=acc.num_processes)
+            info["mixed_precision_used"] = str(acc.mixed_precision)
+            info["effective_batch"] = self.effective_batch
+            info["lr_used"] = base_lr(tc, acc.num_processes)
             (self.out / "provenance.json").write_text(json.dumps(info, indent=2))
         acc.wait_for_everyone()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -918,6 +990,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "images_seen": state.images,
             "world_size": acc.num_processes,
+            "effective_batch": self.effective_batch,
             "seconds_this_run": round(elapsed, 3),
             "img_per_s_this_run": round(images_now / elapsed, 2) if elapsed > 0 else 0.0,
             "resumed_from": self.resumed_from,

@@ -331,3 +331,63 @@ def test_window_means_use_one_key_set_and_per_key_counts():
     assert len(other) == 2 * k  # every rank sends the same-length tensor, whatever it logged
     with pytest.raises(RuntimeError, match="'mae_yaw'.*log_keys"):
         r0.add(torch.tensor(1.0), {"mae_yaw": 1.0}, 8)
+
+
+def test_mixed_precision_auto_follows_the_launcher_and_explicit_values_win(tmp_path, monkeypatch,
+                                                                         caplog):
+    """``accelerate launch --mixed_precision bf16`` sets ACCELERATE_MIXED_PRECISION: ``auto``
+    (the default) follows it, an explicit value wins, the provenance says what was used."""
+    one = ["pretrain.train.epochs=1"]
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    fit(ToyTask(), _cfg(*one), tmp_path / "plain", section="pretrain")
+    prov = json.loads((tmp_path / "plain" / "provenance.json").read_text())
+    assert prov["mixed_precision_used"] == "no"
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what the launcher exports
+    with caplog.at_level("WARNING", logger="clerf.training"):
+        fit(ToyTask(), _cfg(*one), tmp_path / "launcher", section="pretrain")
+    prov = json.loads((tmp_path / "launcher" / "provenance.json").read_text())
+    assert prov["mixed_precision_used"] == "bf16"
+    assert "mixed_precision=auto: training in bf16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clerf.training"):
+        fit(ToyTask(), _cfg(*one, "pretrain.train.mixed_precision=no"), tmp_path / "explicit",
+            section="pretrain")
+    prov = json.loads((tmp_path / "explicit" / "provenance.json").read_text())
+    assert prov["mixed_precision_used"] == "no"
+    assert "wins over the launcher's bf16" in caplog.text
+
+
+def test_a_run_saved_with_no_resumes_under_auto_without_a_launcher(tmp_path, monkeypatch):
+    from clerf.errors import ConfigError
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    cfg_no = _cfg("pretrain.train.mixed_precision=no", "pretrain.train.checkpoint_every=3")
+    with pytest.raises(KeyboardInterrupt):
+        fit(ToyTask(fail_at_step=5), cfg_no, tmp_path, section="pretrain")
+    summary = fit(ToyTask(), _cfg("pretrain.train.checkpoint_every=3"), tmp_path,
+                  section="pretrain")  # auto = no here: the same run
+    assert summary["resumed_from"] is not None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # auto now means bf16: another run
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        fit(ToyTask(), _cfg("pretrain.train.checkpoint_every=3", "pretrain.train.epochs=4"),
+            tmp_path, section="pretrain")
+
+
+def test_effective_batch_is_recorded_and_linear_lr_scaling_follows_the_processes(tmp_path):
+    from clerf.training import base_lr, build_optimizer
+
+    cfg = _cfg("pretrain.train.epochs=1", "pretrain.train.grad_accum=2",
+               "pretrain.train.batch_size=4")  # what ToyTask's loader uses
+    summary = fit(ToyTask(batch=4), cfg, tmp_path, section="pretrain")
+    assert summary["effective_batch"] == 4 * 1 * 2  # batch x processes x grad_accum
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["effective_batch"] == 8 and prov["lr_used"] == pytest.approx(0.2)
+    tc = _cfg("pretrain.train.lr_scaling=linear").pretrain.train
+    assert base_lr(tc, 4) == pytest.approx(0.8) and base_lr(cfg.pretrain.train, 4) == 0.2
+    model = torch.nn.Linear(2, 1)
+    opt = build_optimizer([{"params": [model.weight], "lr_scale": 0.5},
+                           {"params": [model.bias]}], tc, world_size=3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.3, 0.6])
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        _cfg("pretrain.train.lr_scaling=sqrt")
