@@ -418,3 +418,32 @@ def test_only_the_main_process_reads_or_renders_the_held_out_set(blob_store, mon
            "stream": "finetune.stream.val_size=1"}[how]
     with pytest.raises((ConfigError, DataError)):
         FinetuneData.from_config(_cfg(*over, bad, size=16))
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_the_two_process_job_with_the_one_line_error(tmp_path):
+    """One planted out-of-range label with out_of_range=error: only the rank whose batch holds
+    it raises. The job must end (not hang), non-zero, clerf's one-line error first in the
+    output, and no model written."""
+    import time
+
+    R = rotation_from_euler(torch.zeros(32), torch.linspace(-60, 60, 32), torch.zeros(32))
+    R[5] = rotation_from_euler(torch.tensor([0.0]), torch.tensor([150.0]), torch.tensor([0.0]))[0]
+    store = _write_store(tmp_path / "planted.h5", axis_blobs(R, 16), R)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    args = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "clerf",
+            *_cli_args(store, out, "head.type=binned", "finetune.out_of_range=error",
+                       "finetune.val_fraction=0", "finetune.train.batch_size=8",
+                       *NO_AUG)]  # fmt: skip
+    t0 = time.perf_counter()
+    res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode != 0
+    first = next(line for line in (res.stdout + res.stderr).splitlines()
+                 if "error" in line.lower())  # fmt: skip
+    assert first.startswith("clerf finetune: error:") and "outside the head's bins" in first, first
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
