@@ -20,13 +20,13 @@ which is why it is not used with the label rule directly.
 
 Photometric (label-free, independent for every image): brightness and contrast (multiplicative,
 torchvision-style), saturation and hue (one linear map per image in YIQ space, see
-:func:`chroma_matrix`), grayscale, Gaussian blur (``kornia.filters.gaussian_blur2d``), Gaussian
-noise. Saturation is torchvision's (a blend with the luma image); the hue is a rotation of the
-YIQ chroma plane, close to but not the HSV hue: kornia's HSV ``adjust_hue`` and
-``adjust_saturation`` cost about 150x more on a CPU (``benchmarks/bench_photometric.py``), a large
-share of a CPU training step. Every random factor is drawn here from the caller's
-``torch.Generator``: kornia's random augmentations draw from torch's global generator, so a batch
-would no longer depend only on (seed, step, rank).
+:func:`chroma_matrix`), grayscale, Gaussian blur (per-image kernels through
+``kornia.filters.filter2d_separable``), Gaussian noise. Saturation is torchvision's (a blend with
+the luma image); the hue is a rotation of the YIQ chroma plane, close to but not the HSV hue:
+kornia's HSV ``adjust_hue`` and ``adjust_saturation`` cost about 150x more on a CPU
+(``benchmarks/bench_photometric.py``), a large share of a CPU training step. Every random factor is
+drawn here from the caller's ``torch.Generator``: kornia's random augmentations draw from torch's
+global generator, so a batch would no longer depend only on (seed, step, rank).
 
 Triplets: anchor and positive get the SAME label-changing transform (rotation, flips: same
 composed rotation, so they stay a positive pair); the negative gets its own; the framing (scale,
@@ -94,7 +94,9 @@ class GeometricParams:
     def identity(cls, n: int, device: torch.device | str = "cpu") -> GeometricParams:
         z = torch.zeros(n, device=device)
         f = torch.zeros(n, dtype=torch.bool, device=device)
-        return cls(z, f, f.clone(), torch.ones(n, device=device), torch.zeros(n, 2, device=device))
+        out = cls(z, f, f.clone(), torch.ones(n, device=device), torch.zeros(n, 2, device=device))
+        out._known_identity = True  # type: ignore[attr-defined]
+        return out
 
     def index(self, idx: Tensor) -> GeometricParams:
         """Select / repeat images: ``idx`` is an index tensor into the batch."""
@@ -106,6 +108,14 @@ class GeometricParams:
             self.angle, self.hflip, self.vflip, self.scale, self.translate)))
 
     def is_identity(self) -> bool:
+        """Whether every transform is the identity. Known without reading the values back
+        (no host sync) for params from :meth:`identity` and from
+        :meth:`PoseAugment.sample_geometric` (identity only when its config allows no
+        geometric change; a drawn batch is warped even if every draw happened to be 0: the
+        warp of the identity moves values by < 1e-5)."""
+        known = getattr(self, "_known_identity", None)
+        if known is not None:
+            return bool(known)
         return bool(
             (self.angle == 0).all() and not self.hflip.any() and not self.vflip.any()
             and (self.scale == 1).all() and (self.translate == 0).all()
@@ -201,7 +211,7 @@ def chroma_matrix(saturation: Tensor, hue: Tensor) -> Tensor:
 
 def photometric(x: Tensor, cfg: Mapping[str, Any], generator: torch.Generator | None) -> Tensor:
     """Independent colour jitter, grayscale, blur and noise for float images in [0, 1]."""
-    from kornia.filters import gaussian_blur2d
+    from kornia.filters import filter2d_separable
 
     n, dev = x.shape[0], x.device
     if cfg["brightness"] > 0:
@@ -228,18 +238,21 @@ def photometric(x: Tensor, cfg: Mapping[str, Any], generator: torch.Generator | 
         m = _bernoulli(n, cfg["p_blur"], generator, dev)
         lo, hi = (float(v) for v in cfg["blur_sigma"])
         sig = _uniform(n, lo, hi, generator, dev)
-        idx = m.nonzero()[:, 0]
-        if idx.numel():
-            k = 2 * math.ceil(3 * hi) + 1
-            sg = sig[idx, None].expand(-1, 2).contiguous()
-            x = x.clone()
-            x[idx] = gaussian_blur2d(x[idx], (k, k), sg, border_type="reflect")
+        # The whole batch is blurred and the chosen images kept: no host read of which were
+        # chosen (a sync per step on a GPU), at the cost of blurring the others too.
+        # Per-image Gaussian kernels built here and applied with kornia's separable filter:
+        # equal to kornia's gaussian_blur2d, whose sigma check reads sigma back to the host.
+        k = 2 * math.ceil(3 * hi) + 1
+        t = torch.arange(-(k // 2), k // 2 + 1, device=x.device, dtype=x.dtype)
+        w = torch.exp(-(t[None] ** 2) / (2 * sig.to(x.dtype)[:, None] ** 2))
+        w = w / w.sum(dim=1, keepdim=True)
+        blurred = filter2d_separable(x, w, w, border_type="reflect")
+        x = torch.where(m[:, None, None, None], blurred, x)
     if cfg["p_noise"] > 0 and cfg["noise_std"] > 0:
-        idx = _bernoulli(n, cfg["p_noise"], generator, dev).nonzero()[:, 0]
-        if idx.numel():
-            noise = torch.randn((idx.numel(), *x.shape[1:]), generator=generator, device=dev)
-            x = x.clone()
-            x[idx] = (x[idx] + noise * cfg["noise_std"]).clamp_(0, 1)
+        m = _bernoulli(n, cfg["p_noise"], generator, dev)
+        noise = torch.randn(x.shape, generator=generator, device=dev)
+        noisy = (x + noise * cfg["noise_std"]).clamp_(0, 1)
+        x = torch.where(m[:, None, None, None], noisy, x)
     return x
 
 
@@ -284,7 +297,7 @@ class PoseAugment(nn.Module):
         """Draw ``n`` geometric transforms from the config (identity when disabled)."""
         c = self.cfg
         dev = generator.device if generator is not None else (device or "cpu")
-        if not c["enabled"]:
+        if not c["enabled"] or self.geometric_noop:
             return GeometricParams.identity(n, dev)
         lim = float(c["inplane_deg"])
         angle = _uniform(n, -lim, lim, generator, dev)
@@ -295,7 +308,17 @@ class PoseAugment(nn.Module):
         scale = _uniform(n, lo, hi, generator, dev)
         t = float(c["translate"])
         translate = (torch.rand(n, 2, generator=generator, device=dev) * 2 - 1) * t
-        return GeometricParams(angle, hflip, vflip, scale, translate)
+        out = GeometricParams(angle, hflip, vflip, scale, translate)
+        out._known_identity = False  # type: ignore[attr-defined]
+        return out
+
+    @property
+    def geometric_noop(self) -> bool:
+        """The config allows no geometric change (no turn, flip, zoom or shift)."""
+        c = self.cfg
+        return ((float(c["inplane_deg"]) == 0 or float(c["p_inplane"]) == 0)
+                and float(c["p_hflip"]) == 0 and float(c["p_vflip"]) == 0
+                and all(float(v) == 1 for v in c["scale"]) and float(c["translate"]) == 0)
 
     # ----------------------------------------------------------------------- application
 
@@ -348,6 +371,7 @@ class PoseAugment(nn.Module):
         # head size and position cannot tell an anchor's positive from its negative.
         framing = self.sample_geometric(3 * b, generator, device=dev)
         params.scale, params.translate = framing.scale, framing.translate
+        params._known_identity = getattr(drawn, "_known_identity", None)  # type: ignore[attr-defined]
         x, R = self.forward(images.reshape(3 * b, *images.shape[2:]),
                             rotations.reshape(3 * b, 3, 3), generator=generator,
                             params=params)  # fmt: skip

@@ -200,10 +200,16 @@ class OutOfRangePolicy:
     def draw(self, R: Tensor, head: Any, generator: torch.Generator
              ) -> tuple[GeometricParams, Tensor, int]:  # fmt: skip
         """Draw transforms; redraw per the policy. Returns (params, in-range mask, count of
-        labels outside the bins before any redraw)."""
+        labels outside the bins before any redraw). For a head without bounds the mask is
+        None and the count 0; without redraws the count is -1 (= the drops, read once with
+        them by :meth:`dropped`)."""
         n = R.shape[0]
         params = self.augment.sample_geometric(n, generator, device=R.device)
+        if not head.bounded:  # every label is learnable: nothing to check or count
+            return params, None, 0
         ok = head.in_range(compose_rotation(R, params.to(R.device)))
+        if self.policy != "resample":
+            return params, ok, -1  # counted with the drops: one host read per step
         n_out = int((~ok).sum())
         if self.policy == "resample":
             for _ in range(self.tries):
@@ -215,8 +221,10 @@ class OutOfRangePolicy:
                 ok[bad] = head.in_range(compose_rotation(R[bad], new.to(R.device)))
         return params, ok, n_out
 
-    def dropped(self, R: Tensor, params: GeometricParams, ok: Tensor) -> int:
+    def dropped(self, R: Tensor, params: GeometricParams, ok: Tensor | None) -> int:
         """How many labels are left out of the loss; under ``error`` any is an error."""
+        if ok is None:
+            return 0
         n_drop = int((~ok).sum())
         if self.policy == "error" and n_drop:
             from clerf.models.heads import euler_targets
@@ -440,6 +448,8 @@ class FinetuneTask(Task):
         params, ok, n_out = self.out_of_range.draw(R, raw.head, ctx.generator)
         n = R.shape[0]
         n_drop = self.out_of_range.dropped(R, params, ok)
+        if n_out < 0:  # no redraw: the labels out of range are the dropped ones
+            n_out = n_drop
         x, R_aug = self.augment(images, R, generator=ctx.generator, params=params)
         if ctx.train_cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

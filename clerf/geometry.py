@@ -709,15 +709,17 @@ def bin_centers(spec: BinSpec = HOPENET_BINS, dtype=torch.float32, device=None) 
     return (spec.start + spec.width * (i + 0.5)).to(dtype)
 
 
-def angle_to_bin(angle: Tensor, spec: BinSpec = HOPENET_BINS, name: str = "angle") -> Tensor:
+def angle_to_bin(angle: Tensor, spec: BinSpec = HOPENET_BINS, name: str = "angle",
+                 check: bool = True) -> Tensor:  # fmt: skip
     """Bin index (int64) of each angle in degrees; raises ``ValueError`` outside ``[start, stop)``.
 
     The error names the first offending value, so it never reaches ``cross_entropy`` as -1 or
-    ``num_bins``.
+    ``num_bins``. ``check=False`` skips the test (one host read) for callers that made it
+    already, e.g. once for several angles.
     """
     a = angle.detach().double()
-    bad = ~spec.contains(a)  # NaN is bad too
-    if bad.any():
+    bad = ~spec.contains(a) if check else None  # NaN is bad too
+    if bad is not None and bad.any():
         first = a[bad].flatten()[0].item()
         raise ValueError(
             f"{name} = {first:.6g} deg lies outside the binned range "

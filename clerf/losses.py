@@ -244,8 +244,9 @@ class PoseMetricLoss(nn.Module):
         if not self.batch_pairs:
             pos, neg = pos & block, neg & block
         stats = self._table_stats(dist_deg, block, offset)
-        stats["pos_pairs"] = float(pos.sum())
-        stats["neg_pairs"] = float(neg.sum())
+        # tensors: summed on the device by the logging window, read once per window
+        stats["pos_pairs"] = pos.sum().float()
+        stats["neg_pairs"] = neg.sum().float()
         if self.name == "circle":
             tup = pairs_from_masks(pos, neg)
         else:
@@ -261,14 +262,14 @@ class PoseMetricLoss(nn.Module):
         loss = self.loss(emb, indices_tuple=tup, ref_emb=ref_emb)
         return loss, stats
 
-    def _table_stats(self, dist_deg: Tensor, block: Tensor, offset: int) -> dict[str, float]:
+    def _table_stats(self, dist_deg: Tensor, block: Tensor, offset: int) -> dict[str, Tensor]:
         n = dist_deg.shape[0]
         b = torch.arange(0, n, 3, device=dist_deg.device)
         d_ap = dist_deg[b, offset + b + 1]
         d_an = dist_deg[b, offset + b + 2]
         return {
-            "table_pos_violations": float((d_ap > self.eps_deg).sum()),
-            "table_neg_dropped": float((d_an <= self.delta_deg).sum()),
+            "table_pos_violations": (d_ap > self.eps_deg).sum().float(),
+            "table_neg_dropped": (d_an <= self.delta_deg).sum().float(),
         }
 
 

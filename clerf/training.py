@@ -692,8 +692,27 @@ class _Window:
         self.index = {k: i for i, k in enumerate(self.keys)}
         self.reset()
 
+    def note_finite(self, loss: Tensor, step: int) -> None:
+        """Remember on the device the first step whose loss is not finite (no host read)."""
+        bad = ~torch.isfinite(loss).all()
+        step_t = torch.full((), float(step), dtype=self.dtype, device=self.device)  # a fill
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step_t, self.first_bad)
+
+    def first_nonfinite(self, accelerator) -> int | None:
+        """The first step with a non-finite loss on any process since the last call, or None;
+        one reduced read (every process must call it at the same point)."""
+        flag = self.first_bad.to(accelerator.device)[None]
+        if accelerator.num_processes > 1:  # every rank's value, so that all decide alike
+            flag = accelerator.gather(flag)
+        bad = [v for v in flag.tolist() if v >= 0]
+        self.first_bad = torch.full((), -1.0, dtype=self.dtype, device=self.device)
+        return int(min(bad)) if bad else None
+
     def reset(self) -> None:
         k = len(self.keys)
+        self.first_bad = getattr(self, "first_bad", None)
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1.0, dtype=self.dtype, device=self.device)
         self.sums = torch.zeros(k, dtype=self.dtype, device=self.device)
         self.host_sums = [0.0] * k
         self.counts = [0] * k
@@ -898,11 +917,9 @@ class Trainer:
         )
         with acc.accumulate(self.model):
             loss, logs = self.task.train_step(self.model, batch, ctx)
-            if not torch.isfinite(loss.detach()).all():  # the one host sync of a step
-                raise TrainingDiverged(
-                    f"{self.section}: non-finite loss at step {state.step} (epoch {epoch}); "
-                    "lower train.lr or check the data"
-                )
+            # Noted on the device, read with the logging window (no host sync per step); the
+            # window is checked before any checkpoint, so no non-finite state is ever saved.
+            self.window.note_finite(loss.detach(), state.step)
             acc.backward(loss)
             if acc.sync_gradients and tc.grad_clip > 0:
                 acc.clip_grad_norm_(self.model.parameters(), float(tc.grad_clip))
@@ -928,9 +945,20 @@ class Trainer:
             self.window.paused += time.perf_counter() - t_pause
         return True
 
+    def check_finite(self) -> None:
+        """Raise on every process alike if any process saw a non-finite loss since the last
+        check (one reduced read)."""
+        first = self.window.first_nonfinite(self.accelerator)
+        if first is not None:
+            raise TrainingDiverged(
+                f"{self.section}: non-finite loss at step {first}; lower train.lr or check "
+                "the data"
+            )
+
     def log_window(self, epoch: int) -> None:
         """Means of the window's step metrics over steps and processes, images/s, lr."""
         dt = self.window.seconds()
+        self.check_finite()
         rec: dict[str, Any] = self.window.means(self.accelerator)
         rec.update(
             step=self.state.step, epoch=epoch, images=self.state.images,
@@ -945,6 +973,7 @@ class Trainer:
         self.window.reset()
 
     def checkpoint(self) -> None:
+        self.check_finite()
         self.last_ckpt = _save_checkpoint(self.accelerator, self.out, self.state,
                                           self.tc.keep_checkpoints, self.model, self.optimizer,
                                           self.scheduler)  # fmt: skip

@@ -119,8 +119,11 @@ def binned_loss(
                          f"got {tuple(target_deg.shape)}")
     total = logits.new_zeros(())
     parts: dict[str, Tensor] = {}
+    # one range check (one host read) for the three angles; the error names the angle
+    inside = bool(spec.contains(target_deg.detach().double()).all())
     for k, name in enumerate(ANGLE_NAMES):
-        idx = angle_to_bin(target_deg[:, k].contiguous(), spec, name=f"{name} label")
+        idx = angle_to_bin(target_deg[:, k].contiguous(), spec, name=f"{name} label",
+                           check=not inside)  # fmt: skip
         ce = F.cross_entropy(logits[:, k], idx)
         if circular:
             decoded = decode_bins_circular(logits[:, k], spec)
@@ -187,6 +190,10 @@ class PoseHead(nn.Module, ABC):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(scalar loss, detached named parts)`` against label rotations ``(B, 3, 3)``."""
 
+    #: whether some labels are outside what the head can learn (binned Euler ranges): only
+    #: then does the fine-tune check :meth:`in_range` (a host read per step)
+    bounded: bool = False
+
     def in_range(self, rotations: Tensor) -> Tensor:
         """Boolean ``(B,)``: which labels this head can be trained on (all, unless binned)."""
         return torch.ones(rotations.shape[:-2], dtype=torch.bool, device=rotations.device)
@@ -226,6 +233,8 @@ class BinnedEulerHead(PoseHead):
         >>> out["logits"].shape, head.rotation(out).shape
         (torch.Size([4, 3, 66]), torch.Size([4, 3, 3]))
     """
+
+    bounded = True
 
     def __init__(
         self,
@@ -344,6 +353,8 @@ class CombinedHead(PoseHead):
     ``predict_from`` picks which head's rotation :meth:`rotation` returns (``rotation6d`` by
     default: it covers the full rotation group without Euler singularities).
     """
+
+    bounded = True
 
     def __init__(
         self,
