@@ -10,7 +10,9 @@ Measures, in ONE process and interleaved round by round (the machine is shared a
   (already augmented once, no reading, no augmentation).
 
 Reports images/s of both (median over rounds) and the overhead ``1 - real / memory``
-(target <= 10%). The store is rendered by the procedural generator into a temporary directory.
+(target <= 10%), and the host syncs of one real step (scalar reads of tensors: each one a
+device synchronisation on a GPU; ``clerf.devices.HostSyncCounter``). The store is rendered by
+the procedural generator into a temporary directory.
 
     .venv/bin/python benchmarks/bench_input_pipeline.py --size 64 --batch 16 --rounds 5
 """
@@ -51,8 +53,8 @@ def make_store(path: Path, n_triplets: int, res: int, compression: str, seed: in
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark (``argv`` as on the command line); print it and return the figures.
 
-    Returns ``{"real_img_s", "memory_img_s", "overhead_pct", "round_overhead_pct",
-    "input_only_img_s", "size", "batch", "workers", "threads", "device"}``.
+    Returns ``{"host_syncs_per_step", "real_img_s", "memory_img_s", "overhead_pct",
+    "round_overhead_pct", "input_only_img_s", "size", "batch", "workers", "threads", "device"}``.
     """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=64, help="image size (store and encoder)")
@@ -178,7 +180,17 @@ def _run(args: argparse.Namespace, tmp: Path) -> dict:
     alone = n / (time.perf_counter() - t)
     print(f"input pipeline alone (read + augment): {alone:.0f} img/s; "
           f"torch threads {torch.get_num_threads()}, workers {args.workers}, device {dev}")
-    return {"real_img_s": mr, "memory_img_s": mm, "overhead_pct": 100 * (1 - mr / mm),
+
+    # Host syncs: scalar reads of tensors in one real step (outside torch.optim), by kind.
+    from clerf.devices import HostSyncCounter
+
+    with HostSyncCounter() as counter:
+        step_real(0)
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(counter.counts.items())) or "none"
+    print(f"host syncs per pretraining step (batch {args.batch} triplets): {counter.total} "
+          f"({kinds})")
+    return {"host_syncs_per_step": counter.total, "real_img_s": mr, "memory_img_s": mm,
+            "overhead_pct": 100 * (1 - mr / mm),
             "round_overhead_pct": 100 * (1 - statistics.median(ratios)),
             "input_only_img_s": alone, "size": args.size, "batch": args.batch,
             "workers": args.workers, "threads": torch.get_num_threads(), "device": str(dev)}
