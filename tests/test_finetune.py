@@ -11,6 +11,7 @@ SO(3) are learnable in seconds: chance is ~126.5 deg mean geodesic error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -477,3 +478,17 @@ def test_host_syncs_per_training_step_are_bounded(blob_store, tmp_path, monkeypa
     inner = per_step[:-1]  # the last step closes the logging window (one read for the window)
     assert len(inner) >= 5
     assert max(sum(c.values()) for c in inner) <= limit, inner[:2]
+
+
+def test_finetune_trains_under_bf16_mixed_precision_on_cpu(blob_store, tmp_path):
+    """A bf16 fine-tune (CPU autocast): finite losses that go down, float32 head outputs, the
+    precision recorded."""
+    cfg = _cfg(*NO_AUG, f"finetune.train_store={blob_store}", "finetune.train.epochs=3",
+               "finetune.train.mixed_precision=bf16", "finetune.train.tensorboard=false",
+               "head.type=sphere", "head.sphere_points=64", size=16)  # fmt: skip
+    summary = run_finetune(cfg, tmp_path)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["mixed_precision_used"] == "bf16" and summary["steps"] == 24

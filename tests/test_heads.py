@@ -313,3 +313,22 @@ def test_loss_keys_are_exactly_the_parts_of_every_step(head_type):
         R = random_rotation(2, torch.Generator().manual_seed(0))
     _, parts = head.loss(head(torch.randn(2, 8)), R)
     assert tuple(parts) == head.loss_keys
+
+
+@pytest.mark.parametrize("head_type", ["binned", "rotation6d", "sphere"])
+def test_heads_run_their_layers_in_float32_under_bf16_autocast(head_type):
+    """Casting a bf16 Linear's output to float32 is too late: the layer itself must run in
+    float32. Under CPU bf16 autocast the outputs equal the float32 head's exactly."""
+    from clerf.config import load_config
+    from clerf.models.heads import build_head
+
+    cfg = load_config(None, [f"head.type={head_type}", "head.hidden=32", "head.sphere_points=64"])
+    torch.manual_seed(0)
+    head = build_head(cfg.head, 64)
+    feats = torch.randn(8, 64)
+    ref = head(feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(feats.to(torch.bfloat16))  # as a bf16 backbone hands them over
+    for k in ref:
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], head(feats.to(torch.bfloat16).float())[k])

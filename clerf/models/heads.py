@@ -159,9 +159,15 @@ def geodesic_loss(R_pred: Tensor, R_true: Tensor) -> Tensor:
     return torch.deg2rad(geodesic_distance(R_pred, R_true.to(R_pred))).mean()
 
 
-def _full(x: Tensor) -> Tensor:
-    """``x`` in float32 when it comes out of mixed precision (bf16/fp16), else unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def _float32(module: nn.Module, features: Tensor) -> Tensor:
+    """``module(features)`` in float32 even under mixed precision (autocast off, the features
+    cast up): the head's last layers are small, and their logits and 6D vectors feed softmax
+    expectations in degrees, Gram-Schmidt and the losses, which lose about half a degree when
+    the layers themselves run in bf16 (casting their output afterwards is too late)."""
+    if torch.is_autocast_enabled(features.device.type):
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return module(features.float())
+    return module(features)
 
 
 # --------------------------------------------------------------------------- heads
@@ -256,8 +262,8 @@ class BinnedEulerHead(PoseHead):
         self.fc = nn.Linear(self.in_features, 3 * spec.num_bins)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        # float32 outputs under mixed precision: the decode and the losses need the precision
-        return {"logits": _full(self.fc(features)).unflatten(-1, (3, self.spec.num_bins))}
+        # float32 under mixed precision: the decode and the losses need the precision
+        return {"logits": _float32(self.fc, features).unflatten(-1, (3, self.spec.num_bins))}
 
     def decode(self, logits: Tensor) -> Tensor:
         """Angles ``(B, 3)`` in degrees (pitch, yaw, roll) from logits ``(B, 3, K)``."""
@@ -327,7 +333,7 @@ class Rotation6DHead(PoseHead):
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         # float32 under mixed precision: Gram-Schmidt in bf16 would cost about half a degree
-        return {"sixd": _full(self.mlp(features))}
+        return {"sixd": _float32(self.mlp, features)}
 
     def rotation(self, outputs: dict[str, Tensor]) -> Tensor:
         return rotation_from_6d(outputs["sixd"])
@@ -447,7 +453,7 @@ class SphereGridHead(PoseHead):
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         # float32 under mixed precision (the decode and the loss need the precision)
-        logits = _full(self.mlp(features)).unflatten(-1, (2, self.points))
+        logits = _float32(self.mlp, features).unflatten(-1, (2, self.points))
         return {"sphere_logits": logits}
 
     def _decode(self, logits: Tensor) -> Tensor:
