@@ -190,6 +190,9 @@ class TrainConfig:
     #: DDP option; needed when a task freezes parameters during training
     find_unused_parameters: bool = False
     channels_last: bool = False
+    #: ``none``: weight decay on every parameter (the measured figures so far); ``norm_bias``:
+    #: none on 1-D tensors (BatchNorm weights, biases; timm's ``param_groups_weight_decay``)
+    weight_decay_exempt: str = "none"
     #: ``batch_size`` is per process, so the effective batch is batch_size x processes x
     #: grad_accum: ``linear`` multiplies ``lr`` by the number of processes (the linear scaling
     #: rule), ``none`` keeps it as written
@@ -509,6 +512,8 @@ def check_train(tc: Any, path: str = "train") -> None:
          "'auto', 'no', 'fp16' or 'bf16'")
     need(tc["optimizer"] in OPTIMIZERS, "optimizer", "'adamw' or 'sgd'")
     need(tc["lr_scaling"] in LR_SCALINGS, "lr_scaling", "'none' or 'linear'")
+    need(tc["weight_decay_exempt"] in ("none", "norm_bias"), "weight_decay_exempt",
+         "'none' or 'norm_bias'")
     need(tc["schedule"] in SCHEDULES, "schedule", "'cosine', 'linear' or 'constant'")
     need(tc["keep_checkpoints"] >= 1, "keep_checkpoints", "an integer >= 1")
     need(tc["num_workers"] >= 0, "num_workers", "an integer >= 0")

@@ -236,20 +236,29 @@ def base_lr(train_cfg: DictConfig, world_size: int = 1) -> float:
 def build_optimizer(groups: list[dict[str, Any]], train_cfg: DictConfig,
                     world_size: int = 1) -> torch.optim.Optimizer:  # fmt: skip
     """AdamW or SGD over ``groups``; each group's lr is ``base_lr * group.get('lr_scale', 1)``
-    (:func:`base_lr`: ``train.lr``, scaled by the number of processes if asked)."""
+    (:func:`base_lr`: ``train.lr``, scaled by the number of processes if asked). With
+    ``train.weight_decay_exempt: norm_bias`` each group's 1-D tensors (norm weights, biases)
+    get no weight decay, unless the group sets its own ``weight_decay``."""
     lr = base_lr(train_cfg, world_size)
+    exempt = str(train_cfg.get("weight_decay_exempt", "none")) == "norm_bias"
     torch_groups = []
     for i, g in enumerate(groups):
         params = [p for p in g["params"]]
         if not params:
             continue
-        tg = {
-            "params": params,
-            "lr": lr * float(g.get("lr_scale", 1.0)),
-            "weight_decay": float(g.get("weight_decay", train_cfg.weight_decay)),
-            "name": str(g.get("name", f"group{i}")),
-        }
-        torch_groups.append(tg)
+        name = str(g.get("name", f"group{i}"))
+        wd = float(g.get("weight_decay", train_cfg.weight_decay))
+        parts = [(name, params, wd)]
+        if exempt and "weight_decay" not in g:
+            # timm's param_groups_weight_decay rule: no decay for 1-D tensors (BatchNorm
+            # weights, every bias, the 6D head's identity bias)
+            decay = [p for p in params if p.ndim > 1]
+            rest = [p for p in params if p.ndim <= 1]
+            parts = [(name, decay, wd), (f"{name}_no_decay", rest, 0.0)]
+        for part_name, part, part_wd in parts:
+            if part:
+                torch_groups.append({"params": part, "lr": lr * float(g.get("lr_scale", 1.0)),
+                                     "weight_decay": part_wd, "name": part_name})
     if not torch_groups:
         raise ConfigError("training: the task has no trainable parameters")
     name = str(train_cfg.optimizer).lower()

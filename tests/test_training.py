@@ -391,3 +391,20 @@ def test_effective_batch_is_recorded_and_linear_lr_scaling_follows_the_processes
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.3, 0.6])
     with pytest.raises(ConfigError, match="lr_scaling"):
         _cfg("pretrain.train.lr_scaling=sqrt")
+
+
+def test_weight_decay_exempt_norm_bias_follows_timms_rule():
+    from clerf.training import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2))  # fmt: skip
+    groups = [{"params": list(model.parameters()), "name": "all"}]
+    plain = build_optimizer(groups, _cfg().pretrain.train)
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.05]
+    opt = build_optimizer(groups, _cfg("pretrain.train.weight_decay_exempt=norm_bias")
+                          .pretrain.train)  # fmt: skip
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["all"]["weight_decay"] == 0.05 and by_name["all_no_decay"]["weight_decay"] == 0
+    decayed = {id(p) for p in by_name["all"]["params"]}
+    assert decayed == {id(model[0].weight), id(model[3].weight)}  # conv and linear weights only
+    assert len(by_name["all_no_decay"]["params"]) == 4  # conv bias, BN weight and bias, fc bias
