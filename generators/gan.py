@@ -16,9 +16,11 @@ Rendering a target rotation ``R`` (``docs/conventions.md`` sections 3 and 4):
 3. ``R_lookat`` -> 25-number camera (:mod:`generators.camera`); the mapping network is conditioned
    on the frontal camera (``conditioning="frontal"``, EG3D's default) or on the rendering camera;
 4. ``G.mapping(z, c_cond, truncation_psi, truncation_cutoff)`` then ``G.synthesis(ws, c)['image']``
-   in [-1, 1]; with ``rng="per_sample"`` (default) one sample at a time inside a forked torch
-   generator seeded by :func:`render_seed` (EG3D's renderer draws depth jitter and importance
-   samples from the global generator), so renders repeat byte for byte;
+   in [-1, 1]; with ``rng="per_sample"`` (default) in batches of ``batch_size`` whose random
+   draws (EG3D's renderer draws depth jitter and importance samples from the global generator)
+   are split per sample, each from a generator seeded by :func:`render_seed`
+   (:mod:`generators.batched_rng`), so a sample's image is what it is alone; one sample at a
+   time under the seeded global generator where a draw cannot be split;
 5. the exact in-plane rotation by ``phi`` clockwise (kornia ``rotate`` by ``-phi``), area resize to
    the requested resolution, uint8;
 6. the label is computed from the camera actually passed to the network
@@ -28,6 +30,7 @@ Rendering a target rotation ``R`` (``docs/conventions.md`` sections 3 and 4):
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import pickle
 import struct
@@ -66,11 +69,14 @@ from generators.camera import (
     rotation_from_camera,
 )
 
+log = logging.getLogger("clerf.generators")
+
 __all__ = ["GANAdapter", "EG3DGenerator", "PanoHeadGenerator", "load_network", "render_seed"]
 
 _PADDING = ("zeros", "border", "reflection")
-#: ``per_sample``: each sample is synthesised alone under a forked torch generator seeded by
-#: :func:`render_seed` (repeatable, independent of batching); ``global``: batches of
+#: ``per_sample``: each sample's random draws come from its own generator seeded by
+#: :func:`render_seed` (batched where they can be split; repeatable, independent of
+#: batching); ``global``: batches of
 #: ``batch_size`` draw from torch's global generator as EG3D's own scripts do (not repeatable).
 RNG_MODES = ("per_sample", "global")
 
@@ -193,11 +199,11 @@ class GANAdapter(PoseGenerator):
         padding: how kornia fills corners of the in-plane rotation (zeros, border, reflection).
         noise_mode: passed to ``G.synthesis`` (``"const"`` fixes the noise inputs; the renderer
             still draws depth jitter and importance samples from torch's generator, see ``rng``).
-        batch_size: network batch size with ``rng="global"`` (memory bound).
-        rng: ``per_sample`` (default: each sample synthesised alone under a forked generator
-            seeded by :func:`render_seed`, so renders repeat byte for byte whatever the batching,
-            resuming or sharding) or ``global`` (batches drawing from torch's global generator,
-            as EG3D's scripts do: faster, not repeatable).
+        batch_size: network batch size (memory bound).
+        rng: ``per_sample`` (default: each sample's draws from its own generator seeded by
+            :func:`render_seed`, batched where the draws can be split per sample, so renders
+            repeat whatever the batching, resuming or sharding) or ``global`` (batches drawing
+            from torch's global generator, as EG3D's scripts do: not repeatable).
         G: an already loaded network (programmatic use; bypasses checkout/network/trust).
     """
 
@@ -260,6 +266,7 @@ class GANAdapter(PoseGenerator):
         self.padding, self.noise_mode = padding, noise_mode
         self.batch_size = int(batch_size)
         self.rng = rng
+        self._batched_draws = True  # until the network draws in a way clerf cannot split
         if G is None:
             G = load_network(checkout, network, bool(trust_pickle), who)
         else:
@@ -366,14 +373,16 @@ class GANAdapter(PoseGenerator):
         out = []
         if self.rng == "per_sample":
             # EG3D's renderer draws depth jitter and importance samples from torch's global
-            # generator: fork it and seed it per (seed, identity, target) around each call, so a
-            # sample's image never depends on what was rendered before or beside it.
-            for i in range(len(ids)):
-                forked = _forked_devices(dev)
-                with torch.random.fork_rng(devices=forked):
-                    _seed_render_rng(render_seed(self.seed, int(ids[i]), R[i]), forked)
-                    img = self._synthesize(z[i : i + 1], cond[i : i + 1], cams[i : i + 1])
-                out.append(self._finish(img.float(), phi[i : i + 1].to(dev, torch.float32), res))
+            # generator. Each sample's draws come from its own generator seeded by (seed,
+            # identity, target), so its image never depends on what was rendered before or
+            # beside it: batched, with the draws split per sample (generators.batched_rng), or
+            # one sample at a time under the seeded global generator when the network draws
+            # in a way that cannot be split.
+            seeds = [render_seed(self.seed, int(ids[i]), R[i]) for i in range(len(ids))]
+            for s in range(0, len(ids), self.batch_size):
+                sl = slice(s, s + self.batch_size)
+                img = self._synthesize_per_sample(z[sl], cond[sl], cams[sl], seeds[sl])
+                out.append(self._finish(img.float(), phi[sl].to(dev, torch.float32), res))
         else:
             for s in range(0, len(ids), self.batch_size):
                 sl = slice(s, s + self.batch_size)
@@ -383,6 +392,27 @@ class GANAdapter(PoseGenerator):
         # the label of the image: from the camera actually used, then the exact in-plane step
         labels = rotate_inplane(rotation_from_camera(cams.double()), phi)
         return Rendered(images=images, rotations=labels.to(dev, torch.float32))
+
+    def _synthesize_per_sample(self, z: Tensor, cond: Tensor, cams: Tensor,
+                               seeds: list[int]) -> Tensor:  # fmt: skip
+        """:meth:`_synthesize` of a batch whose every image is what it would be alone."""
+        from generators.batched_rng import PerSampleRNG, Unattributable
+
+        forked = _forked_devices(self.device)
+        if self._batched_draws and len(seeds) > 1:
+            try:
+                with torch.random.fork_rng(devices=forked), PerSampleRNG(seeds):
+                    return self._synthesize(z, cond, cams)
+            except Unattributable as exc:
+                self._batched_draws = False
+                log.warning("%s: the network's random draws cannot be split per sample (%s): "
+                            "rendering one sample at a time", self.name, exc)
+        imgs = []
+        for i, seed in enumerate(seeds):
+            with torch.random.fork_rng(devices=forked):
+                _seed_render_rng(seed, forked)
+                imgs.append(self._synthesize(z[i : i + 1], cond[i : i + 1], cams[i : i + 1]))
+        return torch.cat(imgs)
 
     def _synthesize(self, z: Tensor, cond: Tensor, cams: Tensor) -> Tensor:
         """``G.mapping`` then ``G.synthesis``: the network's ``(B, 3, H, W)`` image in [-1, 1]."""

@@ -377,3 +377,50 @@ def test_loading_refusals(standin, tmp_path) -> None:
         build_generator("eg3d", checkout=str(checkout), network=str(bad), trust_pickle=True)
     with pytest.raises(ValueError, match="unreachable must be"):
         build_generator("eg3d", G=object(), unreachable="clamp")
+
+
+def test_per_sample_renders_are_batched_with_the_draws_split_per_sample(standin, caplog) -> None:
+    """rng=per_sample synthesises a batch in one network call (draws split per sample) and
+    gives each image exactly as rendered alone; a network whose draws cannot be split (here
+    randperm from the global generator) falls back to one sample at a time, with a warning,
+    and the images are still those rendered alone."""
+    mod, _, _ = standin
+    R = rotation_from_euler(torch.tensor([5.0, -10, 20, 0]), torch.tensor([10.0, 30, -25, 5]),
+                            torch.tensor([0.0, 40, -90, 10]))  # fmt: skip
+    ids = torch.tensor([3, 7, 11, 5])
+    net = mod.StandInGAN(img_resolution=32, draws=True)
+    gen = EG3DGenerator.from_network(net, seed=2, batch_size=4)
+    batch = gen.render(ids, R, 32)
+    assert sum(k == "synthesis" for k, _, _ in net.calls) == 1  # one network call for four
+    solo = torch.cat([gen.render(ids[i:i + 1], R[i:i + 1], 32).images for i in range(4)])
+    assert torch.equal(batch.images, solo)
+
+    class Shuffling(mod.StandInGAN):
+        def synthesis(self, ws, c, noise_mode="random"):
+            out = super().synthesis(ws, c, noise_mode)
+            torch.randperm(3)  # a draw clerf cannot attribute to a sample
+            return out
+
+    gen2 = EG3DGenerator.from_network(Shuffling(img_resolution=32, draws=True), seed=2,
+                                      batch_size=4)  # fmt: skip
+    with caplog.at_level("WARNING", logger="clerf.generators"):
+        again = gen2.render(ids, R, 32)
+    assert "one sample at a time" in caplog.text
+    assert torch.equal(again.images, batch.images)
+
+
+def test_per_sample_rng_draws_equal_the_solo_seeded_draws() -> None:
+    from generators.batched_rng import PerSampleRNG, Unattributable
+
+    seeds = [11, 22, 33]
+    with PerSampleRNG(seeds):
+        a = torch.rand(6, 4)  # k = 2 rows per sample
+        b = torch.randn_like(torch.zeros(3, 5))
+        c = torch.rand(3, 2, generator=torch.Generator().manual_seed(0))  # passes through
+    for i, s in enumerate(seeds):
+        torch.manual_seed(s)
+        torch.testing.assert_close(a[2 * i:2 * i + 2], torch.rand(2, 4), rtol=0, atol=0)
+        torch.testing.assert_close(b[i:i + 1], torch.randn(1, 5), rtol=0, atol=0)
+    torch.testing.assert_close(c, torch.rand(3, 2, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(Unattributable), PerSampleRNG(seeds):
+        torch.rand(4, 2)  # not a multiple of the batch
