@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test quickstart lint bench ablation real-study clean
+.PHONY: setup test quickstart lint bench bench-gpu ablation real-study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --json runs/bench.json
+
+# the GPU check (about 4 minutes on one GPU; says it needs one and exits 0 elsewhere)
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 ablation: $(STAMP)
 	$(BIN)/clerf finetune configs/ablation/d_supervised_pretrain.yaml --out runs/ablation/d_pretrain finetune.train.progress=false

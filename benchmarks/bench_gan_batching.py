@@ -54,15 +54,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16, help="network batch size")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda)")
     a = ap.parse_args(argv)
     from clerf.geometry import random_rotation
     from generators.gan import EG3DGenerator
 
     torch.manual_seed(0)
-    net = StandInSynthesis(a.resolution).eval()
+    net = StandInSynthesis(a.resolution).eval().to(a.device)
     R = random_rotation(a.n, torch.Generator().manual_seed(1)).float()
     # keep the targets where EG3D's camera can reach them (in front of the face)
-    gen = EG3DGenerator.from_network(net, seed=0, batch_size=a.batch, unreachable="resample")
+    gen = EG3DGenerator.from_network(net, seed=0, device=a.device, batch_size=a.batch,
+                                     unreachable="resample")  # fmt: skip
     ids = torch.arange(a.n)
 
     def rate(batched: bool) -> tuple[float, torch.Tensor]:
@@ -70,8 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
         gen.render(ids[: a.batch], R[: a.batch], a.resolution)  # warm-up
         best, images = 0.0, None
         for _ in range(a.rounds):
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
             t = time.perf_counter()
-            images = gen.render(ids, R, a.resolution).images
+            images = gen.render(ids, R, a.resolution).images.cpu()
             best = max(best, a.n / (time.perf_counter() - t))
         return best, images
 
@@ -79,8 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     batched, img_batched = rate(True)
     same = bool(torch.equal(img_solo, img_batched))
     diff = int((img_solo.int() - img_batched.int()).abs().max())
-    print(f"EG3D-interface stand-in, {a.n} images at {a.resolution} px, batch {a.batch}, "
-          f"torch threads {torch.get_num_threads()}, CPU {torch.backends.cpu.get_cpu_capability()}")
+    print(f"EG3D-interface stand-in on {a.device}, {a.n} images at {a.resolution} px, batch "
+          f"{a.batch}, torch threads {torch.get_num_threads()}, CPU "
+          f"{torch.backends.cpu.get_cpu_capability()}")
     print(f"one sample at a time: {solo:.1f} img/s; batched with per-sample draws: "
           f"{batched:.1f} img/s ({batched / solo:.2f}x); identical images: {same} (largest "
           f"difference {diff} of 255: batched convolutions round differently)")
