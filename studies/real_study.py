@@ -42,7 +42,9 @@ VARIANTS = {
 BUDGETS = ("100", "300", "all")
 #: real-anchor triplets per real image: at least the 6,000 triplets the pretraining reads
 ANCHOR_REPEATS = {"100": 60, "300": 20, "all": 4}
-PROBE_DATA = ("p04_test", "aflw2000")
+#: probe data and flags: Pointing'04 across people (each person has near-duplicate images of
+#: a pose, one per series); AFLW2000 names no identities
+PROBE_DATA = {"p04_test": ["--across-identities"], "aflw2000": []}
 
 
 @dataclass
@@ -168,13 +170,13 @@ def probe(ctx: Ctx) -> None:
         d = pretrain_dir(ctx, v, b)
         if done(d / "summary.json"):
             encs.append((f"{v}" if v != "f" else f"f_n{b}", str(d)))
-    for data in PROBE_DATA:
+    for data, flags in PROBE_DATA.items():
         out = ctx.out / "probes" / f"{data}.txt"
-        key = " ".join(e for _, e in encs)
+        key = " ".join([*(e for _, e in encs), *flags])
         if out.exists() and out.read_text().startswith(f"# {key}\n"):
             continue
         text = run(ctx, ["probe", *[e for _, e in encs], "--data", ctx.store(data),
-                         "--max-samples", "64" if ctx.smoke else "1024"])
+                         "--max-samples", "64" if ctx.smoke else "1024", *flags])
         if not ctx.dry:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(f"# {key}\n" + text)

@@ -70,3 +70,25 @@ def test_cli_probes_encoders_on_a_store(tmp_path, capsys):
     assert main(["probe", "random:nonet@32", "--data", str(store)]) == 2
     err = capsys.readouterr().err
     assert "random:ARCH@SIZE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_across_groups_ignores_near_duplicates_of_one_person():
+    """Pointing'04-like: each person has two near-identical images per pose (two series).
+    Within persons kNN finds the twin (error ~0) whatever the features say about pose; across
+    persons only pose-bearing features help."""
+    g = torch.Generator().manual_seed(0)
+    poses = random_rotation(20, g)
+    persons = 3
+    R = poses.repeat(persons * 2, 1, 1)  # person-major, two series each
+    groups = torch.arange(persons).repeat_interleave(40)
+    # features: a per-(person, pose) code (identity-and-pose noise), no pose structure
+    code = torch.randn(persons, 20, 32, generator=g)
+    feats = torch.cat([torch.cat([code[p], code[p]]) for p in range(persons)])
+    feats = feats + 1e-3 * torch.randn(feats.shape, generator=g)
+    assert knn_pose_error(feats, R, 1) < 1.0  # the twin of the other series
+    assert knn_pose_error(feats, R, 1, groups) > 60.0  # across persons: nothing to find
+    pose_feats = R.reshape(-1, 9) + 0.01 * torch.randn(R.shape[0], 9, generator=g)
+    assert knn_pose_error(pose_feats, R, 1, groups) < 5.0
+    assert linear_probe_error(pose_feats, R, groups=groups) < 5.0
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        linear_probe_error(pose_feats, R, groups=torch.zeros(len(R), dtype=torch.long))

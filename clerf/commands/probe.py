@@ -26,6 +26,9 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-samples", type=int, default=1024,
                    help="use the first N images (default 1024)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of a random encoder (default 0)")
+    p.add_argument("--across-identities", action="store_true",
+                   help="neighbours and probe folds from other identities only (the store's "
+                        "identities, e.g. Pointing'04's people; needs them known)")
     p.set_defaults(func=run)
 
 
@@ -64,7 +67,14 @@ def run(args: argparse.Namespace) -> int:
     part = store.read_range(0, n)
     images = torch.from_numpy(part["images"])
     R = torch.from_numpy(part["rotations"]).double()
-    print(f"{n} images of {args.data}; mean geodesic error (deg), chance about 126.5")
+    groups = None
+    if args.across_identities:
+        groups = torch.from_numpy(part["identities"]).long()
+        if bool((groups < 0).any()) or len(torch.unique(groups)) < 2:
+            raise UsageError(f"--across-identities: {args.data} does not name at least 2 "
+                             "identities for its images (identities -1 or all one)")
+    across = ", across identities" if groups is not None else ""
+    print(f"{n} images of {args.data}{across}; mean geodesic error (deg), chance about 126.5")
     print("| encoder | kNN-1 | kNN-5 | linear probe |")
     print("|---|---|---|---|")
     for spec in args.encoders:
@@ -73,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             feats = torch.cat([enc.features(to_float_images(images[i:i + 128],
                                                             enc.spec.input_size)).float()
                                for i in range(0, n, 128)])  # fmt: skip
-        r = probe_features(feats, R)
+        r = probe_features(feats, R, groups)
         print(f"| {spec} | {r['knn1_deg']:.1f} | {r['knn5_deg']:.1f} | "
               f"{r['linear_probe_deg']:.1f} |")
     return 0

@@ -21,29 +21,47 @@ from clerf.geometry import geodesic_distance, nearest_rotation
 __all__ = ["knn_pose_error", "linear_probe_error", "probe_features"]
 
 
-def knn_pose_error(features: Tensor, rotations: Tensor, k: int = 1) -> float:
+def knn_pose_error(features: Tensor, rotations: Tensor, k: int = 1,
+                   groups: Tensor | None = None) -> float:  # fmt: skip
     """Mean geodesic error (deg) of the chordal mean of the ``k`` nearest neighbours' rotations
-    (leave-one-out, cosine similarity)."""
+    (leave-one-out, cosine similarity). With ``groups`` (e.g. the person of each image), the
+    neighbours come from other groups only: a data set with near-duplicate images of one
+    person at one pose (Pointing'04's two series) otherwise measures the duplicates."""
     n = features.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"knn_pose_error: need 1 <= k < N = {n}, got k={k}")
     z = torch.nn.functional.normalize(features.double(), dim=-1)
     sim = (z @ z.T).fill_diagonal_(-float("inf"))
+    if groups is not None:
+        same = groups[:, None] == groups[None, :]
+        if int((~same).sum(1).min()) < k:
+            raise ValueError(f"knn_pose_error: some image has fewer than k={k} images of "
+                             "other groups")  # fmt: skip
+        sim = sim.masked_fill(same.to(sim.device), -float("inf"))
     idx = sim.topk(k, dim=1).indices
     R = rotations.double()
     mean = nearest_rotation(R[idx].mean(dim=1)) if k > 1 else R[idx[:, 0]]
     return float(geodesic_distance(mean, R).mean())
 
 
-def linear_probe_error(features: Tensor, rotations: Tensor, ridge: float = 1e-2) -> float:
+def linear_probe_error(features: Tensor, rotations: Tensor, ridge: float = 1e-2,
+                       groups: Tensor | None = None) -> float:  # fmt: skip
     """Mean geodesic error (deg) of a 2-fold ridge-regression probe features -> R (9 entries,
-    projected to SO(3)); folds are the even and the odd images."""
+    projected to SO(3)); folds are the even and the odd images, or with ``groups`` the even
+    and the odd groups (in sorted order: no group on both sides)."""
     n = features.shape[0]
     if n < 4:
         raise ValueError(f"linear_probe_error: needs at least 4 images, got {n}")
     X = features.double()
     Y = rotations.double().reshape(n, 9)
-    folds = (torch.arange(n) % 2 == 0, torch.arange(n) % 2 == 1)
+    if groups is None:
+        even = torch.arange(n) % 2 == 0
+    else:
+        _, rank = torch.unique(groups, sorted=True, return_inverse=True)
+        even = rank % 2 == 0
+        if bool(even.all()) or not bool(even.any()):
+            raise ValueError("linear_probe_error: needs at least 2 groups")
+    folds = (even, ~even)
     errors = []
     for train, test in (folds, folds[::-1]):
         mu, sd = X[train].mean(0), X[train].std(0).clamp_min(1e-6)
@@ -57,11 +75,13 @@ def linear_probe_error(features: Tensor, rotations: Tensor, ridge: float = 1e-2)
     return float(torch.cat(errors).mean())
 
 
-def probe_features(features: Tensor, rotations: Tensor) -> dict[str, float]:
-    """``knn1_deg``, ``knn5_deg`` and ``linear_probe_deg`` of held-out features."""
+def probe_features(features: Tensor, rotations: Tensor,
+                   groups: Tensor | None = None) -> dict[str, float]:  # fmt: skip
+    """``knn1_deg``, ``knn5_deg`` and ``linear_probe_deg`` of held-out features (across
+    ``groups`` when given: neighbours and probe folds from other groups)."""
     n = features.shape[0]
-    out = {"knn1_deg": knn_pose_error(features, rotations, 1)}
+    out = {"knn1_deg": knn_pose_error(features, rotations, 1, groups)}
     if n > 5:
-        out["knn5_deg"] = knn_pose_error(features, rotations, 5)
-    out["linear_probe_deg"] = linear_probe_error(features, rotations)
+        out["knn5_deg"] = knn_pose_error(features, rotations, 5, groups)
+    out["linear_probe_deg"] = linear_probe_error(features, rotations, groups=groups)
     return out
