@@ -346,6 +346,11 @@ class FinetuneConfig:
     resample_tries: int = 3
     #: render the training images on the fly instead of reading ``train_store``
     stream: StreamConfig = field(default_factory=StreamConfig)
+    #: generated images added to every batch of ``train_store`` (0 = none): rendered by the
+    #: ``generator`` with ``stream.poses`` / ``stream.generator_params`` (``stream.enabled``
+    #: stays false), new ones at every step; each batch then holds ``train.batch_size`` store
+    #: images + this many generated ones
+    mix_generated: int = 0
     #: on-device augmentation; a smaller in-plane range than pretraining by default, because the
     #: default head (HopeNet bins) only covers [-99, 99) deg
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(inplane_deg=30.0))
@@ -601,6 +606,9 @@ def check_finetune(fc: Any, path: str = "finetune") -> None:
     need(fc["val_max_images"] >= 0, "val_max_images", "an integer >= 0")
     for key in ("encoder_lr_scale", "head_lr_scale"):
         need(math.isfinite(float(fc[key])) and fc[key] >= 0, key, "a number >= 0")
+    need(fc["mix_generated"] >= 0, "mix_generated", "an integer >= 0")
+    need(not (fc["mix_generated"] and fc["stream"]["enabled"]), "mix_generated",
+         "0 when finetune.stream.enabled is true (the whole batch is generated then)")
 
 
 def check_prepare(pc: Any, path: str = "prepare") -> None:

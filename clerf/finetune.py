@@ -349,7 +349,19 @@ class FinetuneTask(Task):
         self.train_data, self.data_info = data.train, data.info
         self.val_images, self.val_rotations = data.val_images, data.val_rotations
         self.chance_deg = data.chance_deg
+        self.mix = None
+        if int(fc.mix_generated):
+            from clerf.streaming import build_stream
 
+            self.mix = build_stream(cfg, "finetune")  # generated images to add to each batch
+            res = self.data_info.get("resolution")
+            if res is not None and int(res) != int(cfg.generator.resolution):
+                raise ConfigError(
+                    f"finetune.mix_generated: the training store holds {res} px images but "
+                    f"generator.resolution is {cfg.generator.resolution}; make them equal"
+                )
+            self.data_info = {**self.data_info, "mix_generated": int(fc.mix_generated),
+                              "mix_source": self.mix.describe()}
     # ----------------------------------------------------------------------- setup
 
     @staticmethod
@@ -442,8 +454,24 @@ class FinetuneTask(Task):
         # the head's loss parts (absent from a step whose labels were all dropped) + counters
         return (*model.head.loss_keys, "out_of_range", "dropped")
 
+    def _with_generated(self, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, Any]:
+        """``batch`` + ``finetune.mix_generated`` new generated images. Their stream ids are
+        a function of (optimizer step, micro-step, rank) only: new images at every step,
+        disjoint over processes, the same after a resume."""
+        k = int(self.cfg.finetune.mix_generated)
+        accum = int(ctx.train_cfg.grad_accum)
+        world, rank = ctx.accelerator.num_processes, ctx.accelerator.process_index
+        g = (ctx.step * accum + ctx.micro_step % accum) * world + rank
+        gen = self.mix.read_batch(range(g * k, (g + 1) * k))
+        device = batch["images"].device
+        images = torch.cat([batch["images"], gen["images"].to(device)])
+        R = torch.cat([batch["rotations"].float(), gen["rotations"].float().to(device)])
+        return {**batch, "images": images, "rotations": R}
+
     def train_step(self, model: nn.Module, batch: Mapping[str, Any], ctx: StepContext):
         raw = ctx.accelerator.unwrap_model(model)
+        if self.mix is not None:
+            batch = self._with_generated(batch, ctx)
         images, R = batch["images"], batch["rotations"].float()
         params, ok, n_out = self.out_of_range.draw(R, raw.head, ctx.generator)
         n = R.shape[0]

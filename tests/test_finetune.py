@@ -86,6 +86,7 @@ class _Accelerator:
     num_processes = 1
     process_index = 0
     is_main_process = True
+    device = torch.device("cpu")
 
     @staticmethod
     def unwrap_model(model):
@@ -492,3 +493,34 @@ def test_finetune_trains_under_bf16_mixed_precision_on_cpu(blob_store, tmp_path)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["mixed_precision_used"] == "bf16" and summary["steps"] == 24
+
+
+def test_mix_generated_adds_new_generated_images_to_every_batch(blob_store, tmp_path):
+    """finetune.mix_generated=k: each step trains on the store's batch + k generated images,
+    new ones at every step (ids from the step), recorded in the model's training data."""
+    cfg = _cfg(*NO_AUG, f"finetune.train_store={blob_store}", "finetune.mix_generated=8",
+               "generator.resolution=16", "triplets.poses=uniform", "finetune.train.epochs=1",
+               "head.type=sphere", "head.sphere_points=64", size=16)  # fmt: skip
+    task = FinetuneTask(cfg)
+    model = task.build_model()
+    loader = task.train_loader(_ctx(cfg))
+    batch = next(iter(loader))
+    seen = []
+    for step in (0, 1):
+        ctx = _ctx(cfg)
+        ctx.step, ctx.micro_step = step, 0
+        mixed = task._with_generated(batch, ctx)
+        assert mixed["images"].shape[0] == batch["images"].shape[0] + 8
+        torch.testing.assert_close(mixed["images"][:16], batch["images"])
+        seen.append(mixed["images"][16:])
+        loss, _ = task.train_step(model, batch, ctx)
+        assert torch.isfinite(loss)
+    assert not torch.equal(seen[0], seen[1])  # new generated images at the next step
+    summary = run_finetune(cfg, tmp_path / "mix")
+    assert summary["steps"] == 8
+    with pytest.raises(ConfigError, match="mix_generated"):
+        _cfg(f"finetune.train_store={blob_store}", "finetune.mix_generated=8",
+             "finetune.stream.enabled=true")
+    with pytest.raises(ConfigError, match="generator.resolution"):
+        FinetuneTask(_cfg(f"finetune.train_store={blob_store}", "finetune.mix_generated=8",
+                          "generator.resolution=32", size=16))
