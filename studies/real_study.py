@@ -2,11 +2,13 @@
 
 Every step is a ``clerf`` command run in a subprocess and logged (with its wall time) to
 ``OUT/commands.log``; a step whose result exists is skipped, so the study continues where it
-stopped (a cut fine-tune or pretraining resumes from its checkpoint). Order: the stores, then
+stopped (a cut fine-tune or pretraining resumes from its checkpoint). Finished cells are kept
+in ``studies/results/real/`` (committed): a fresh machine skips them, redoing only the stores
+and the pretrainings that pending cells start from. Order: the stores, then
 the pretrainings of (c), (d) and (f) per budget with their probes, then the cells seed-major
 (every variant and budget at seed 0 before seed 1), so a partial study is a complete table at
-fewer seeds. ``--report`` (also run at the end) writes ``OUT/table.md``, ``OUT/results.json`` and
-``OUT/budget_curve.png`` from whatever cells are complete.
+fewer seeds. ``--report`` (also run at the end) writes ``table.md``, ``results.json`` and
+``budget_curve.png`` to ``studies/results/real/`` from whatever cells are complete.
 
     python studies/real_study.py --pointing04 PRIMA_ROOT --aflw2000 AFLW_ROOT     # make real-study
     python studies/real_study.py --report                                        # table only
@@ -31,6 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path("configs/real")
+#: every finished cell's figures, the probes, (e)'s choice, the table and the figure, kept in
+#: the repository: a later session (a fresh machine) continues the study from them
+RESULTS = REPO / "studies" / "results" / "real"
 VARIANTS = {
     "a": ("HopeNet (binned heads, flips only), no pretraining", "a_hopenet.yaml"),
     "b": ("sphere head + geometric augmentation, no pretraining", "b_sphere_geometric.yaml"),
@@ -55,6 +60,7 @@ class Ctx:
     clerf: str
     dry: bool
     smoke: bool
+    results: Path = RESULTS
 
     def store(self, name: str) -> Path:
         return self.stores / f"{name}_64.h5"
@@ -172,7 +178,7 @@ def probe(ctx: Ctx) -> None:
         if done(d / "summary.json"):
             encs.append((f"{v}" if v != "f" else f"f_n{b}", str(d)))
     for data, flags in PROBE_DATA.items():
-        out = ctx.out / "probes" / f"{data}.txt"
+        out = ctx.results / "probes" / f"{data}.txt"
         key = " ".join([*(e for _, e in encs), *flags])
         if out.exists() and out.read_text().startswith(f"# {key}\n"):
             continue
@@ -190,7 +196,7 @@ MIX_CHOICES = (8, 16, 32)
 def choose_mix(ctx: Ctx) -> int:
     """(e)'s ratio: the mix_generated of the lowest validation error (people 11-12) at budget
     300, seed 0; written to OUT/e_choice.json."""
-    choice = ctx.out / "e_choice.json"
+    choice = ctx.results / "e_choice.json"
     if choice.exists():
         return int(json.loads(choice.read_text())["mix_generated"])
     errors = {}
@@ -205,6 +211,7 @@ def choose_mix(ctx: Ctx) -> int:
             return MIX_CHOICES[1]
         errors[k] = json.loads((d / "summary.json").read_text())["evaluation"]["val/geodesic_deg"]
     best = min(errors, key=errors.get)
+    choice.parent.mkdir(parents=True, exist_ok=True)
     choice.write_text(json.dumps({"mix_generated": best, "val_geodesic_deg": errors,
                                   "budget": "300", "seed": 0}, indent=1))
     return best
@@ -214,9 +221,16 @@ def cell_dir(ctx: Ctx, variant: str, budget: str, seed: int) -> Path:
     return ctx.out / variant / f"n{budget}" / f"seed{seed}"
 
 
+def kept(ctx: Ctx, variant: str, budget: str, seed: int) -> Path:
+    return ctx.results / variant / f"n{budget}" / f"seed{seed}.json"
+
+
 def cell(ctx: Ctx, variant: str, budget: str, seed: int) -> None:
     d = cell_dir(ctx, variant, budget, seed)
+    if done(kept(ctx, variant, budget, seed)):
+        return
     if done(d / "result.json"):
+        _keep(d / "result.json", kept(ctx, variant, budget, seed))
         return
     cfg = CONFIGS / VARIANTS[variant][1]
     over = [f"seed={seed}", f"finetune.train_store={ctx.train_store(budget)}",
@@ -248,6 +262,12 @@ def cell(ctx: Ctx, variant: str, budget: str, seed: int) -> None:
         res[name] = summarise(rep)
     res["finetune"] = json.loads((d / "summary.json").read_text())
     (d / "result.json").write_text(json.dumps(res, indent=1))
+    _keep(d / "result.json", kept(ctx, variant, budget, seed))
+
+
+def _keep(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(src.read_text())
 
 
 def summarise(rep: dict) -> dict:
@@ -282,8 +302,12 @@ def fmt(xs: list[float]) -> str:
 
 
 def report(ctx: Ctx) -> None:
+    for p in sorted(ctx.out.glob("*/n*/seed*/result.json")):  # cells of this machine
+        r = json.loads(p.read_text())
+        if not kept(ctx, r["variant"], r["budget"], r["seed"]).exists():
+            _keep(p, kept(ctx, r["variant"], r["budget"], r["seed"]))
     cells: dict[tuple[str, str], list[dict]] = {}
-    for p in sorted(ctx.out.glob("*/n*/seed*/result.json")):
+    for p in sorted(ctx.results.glob("*/n*/seed*.json")):
         r = json.loads(p.read_text())
         cells.setdefault((r["variant"], r["budget"]), []).append(r)
     if not cells:
@@ -315,8 +339,9 @@ def report(ctx: Ctx) -> None:
     md = ("Mean geodesic error (deg), mean ± sample SD over seeds; the Euler MAE is AFLW2000's "
           "published-comparable one (standard view). (const): always answering the upright "
           "frontal pose (the identity rotation), no model.\n\n" + "\n".join(lines) + "\n")
-    (ctx.out / "table.md").write_text(md)
-    (ctx.out / "results.json").write_text(json.dumps(table, indent=1))
+    ctx.results.mkdir(parents=True, exist_ok=True)
+    (ctx.results / "table.md").write_text(md)
+    (ctx.results / "results.json").write_text(json.dumps(table, indent=1))
     print(md)
     figure(ctx, table)
 
@@ -389,7 +414,7 @@ def figure(ctx: Ctx, table: dict) -> None:
     ax.set_title("Real labels vs AFLW2000 error (mean ± SD over seeds)")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(ctx.out / "budget_curve.png", dpi=120)
+    fig.savefig(ctx.results / "budget_curve.png", dpi=120)
     plt.close(fig)
 
 
@@ -402,6 +427,9 @@ def main() -> None:
     ap.add_argument("--variants", default="a,b,c,d,e,f")
     ap.add_argument("--budgets", default="100,300,all")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--results", default=None,
+                    help="where finished cells are kept (default studies/results/real; "
+                         "OUT/results with --smoke)")
     ap.add_argument("--report", action="store_true", help="only write the table and figure")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--smoke", action="store_true",
@@ -412,7 +440,9 @@ def main() -> None:
     clerf = str(Path(sys.executable).with_name("clerf"))
     if not os.path.exists(clerf):
         clerf = "clerf"
-    ctx = Ctx(out, Path(a.stores) if a.stores else out / "stores", clerf, a.dry_run, a.smoke)
+    results = Path(a.results) if a.results else (out / "results" if a.smoke else RESULTS)
+    ctx = Ctx(out, Path(a.stores) if a.stores else out / "stores", clerf, a.dry_run, a.smoke,
+              results)
     if a.report:
         report(ctx)
         return
