@@ -64,6 +64,9 @@ class Uniforms:
         return self.take() < p
 
 
+#: MATERIAL as Python ints, read per part without a tensor read each time
+_MATERIALS: tuple[int, ...] = tuple(int(m) for m in MATERIAL.tolist())
+
 def palette(pal: list[tuple[float, float, float]], t: Tensor) -> Tensor:
     """Piecewise-linear colour ramp through ``pal`` at ``t`` in [0, 1): ``(B, 3)``."""
     p = torch.tensor(pal, dtype=t.dtype)
@@ -366,7 +369,7 @@ def _colours(p: _Parts, f: SimpleNamespace) -> dict[str, Tensor]:
     cloth = torch.stack([U.take(0.05, 0.95) for _ in range(3)], -1)
     lip = (skin * torch.stack([U.take(0.8, 1.0), U.take(0.45, 0.65), U.take(0.5, 0.7)], -1))
     for k in range(len(PARTS)):
-        m = int(MATERIAL[k])
+        m = _MATERIALS[k]
         col = {SKIN: skin, EYE: torch.ones(B, 3, dtype=dt) * 0.92, HAIR: hair, LIP: lip,
                FRAME: f.frame_col, CLOTH: cloth}[m]  # fmt: skip
         p.albedo[:, k] = col
@@ -445,7 +448,7 @@ def _studio(p: _Parts, f: SimpleNamespace, light: dict[str, Tensor],
     by_material = {SKIN: studio_skin, HAIR: studio_hair, CLOTH: grey,
                    LIP: studio_skin * torch.tensor([0.85, 0.55, 0.55], dtype=dt)}  # fmt: skip
     for k in range(len(PARTS)):
-        m = int(MATERIAL[k])
+        m = _MATERIALS[k]
         if m in by_material:
             p.albedo[:, k] = by_material[m]
     p.albedo[:, PART["brow_r"]] = p.albedo[:, PART["brow_l"]] = studio_hair * 0.7
