@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test quickstart lint bench bench-gpu ablation real-study clean
+.PHONY: setup detect-extra test quickstart lint bench bench-gpu ablation real-study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# The optional CNN face detector (clerf predict --detector blazeface): MediaPipe 0.10.21, the last
+# release whose wheel ships the BlazeFace models. --no-deps: its declared dependencies would pull
+# opencv-contrib-python (replacing clerf's headless cv2), numpy < 2 and protobuf < 5; the
+# detector needs only these companions (tested with numpy 2, protobuf 7, opencv-headless 4.14).
+DETECT_STAMP := $(VENV)/.detect-extra
+$(DETECT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps "mediapipe==0.10.21" "absl-py>=2" "attrs>=23"
+	touch $(DETECT_STAMP)
+
+detect-extra: $(DETECT_STAMP)
+
+test: $(STAMP) $(DETECT_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

@@ -25,7 +25,8 @@ def register(subparsers, parents) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image/video files or folders")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--detector", default="haar",
-                   help="'haar' (default) or package.module:ClassName (a FaceDetector)")
+                   help="'haar' (default), 'blazeface' (MediaPipe's CNN; make detect-extra) or "
+                   "package.module:ClassName (a FaceDetector)")
     p.add_argument("--boxes", help='JSON {"file": [[x, y, w, h], ...]} instead of a detector')
     p.add_argument("--crop", help="crop preset (default: the model's; see clerf.data.crop)")
     p.add_argument("--box-scale", type=float, nargs=2, metavar=("SX", "SY"),
@@ -37,7 +38,7 @@ def register(subparsers, parents) -> None:
     p.add_argument("--angle-step", type=float, metavar="DEG",
                    help="find faces at any in-plane angle: run the detector on the image turned "
                    "by every DEG degrees (must divide 360; 0 = upright only; default 15 for "
-                   "haar, 0 for a plug-in detector)")
+                   "haar, 90 for blazeface, 0 for a plug-in detector)")
     p.add_argument("--no-profile", action="store_true",
                    help="haar: skip the (mirrored) profile cascade")
     p.add_argument("--no-verify", action="store_true",
@@ -75,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
         step = 15.0 if args.angle_step is None else args.angle_step
         detector = build_search_detector(detector, step, profile=not args.no_profile,
                                          verify=not args.no_verify, max_side=args.max_side)
-    elif args.boxes is None and args.angle_step:  # a plug-in, searched when asked
-        detector = RotationSearch(detector, search_angles(args.angle_step), verify=False,
-                                  max_side=args.max_side)
+    elif args.boxes is None:  # a plug-in: searched at its own step (blazeface 90) or as asked
+        step = getattr(detector, "search_step", 0.0) if args.angle_step is None \
+            else args.angle_step  # fmt: skip
+        if step:
+            detector = RotationSearch(detector, search_angles(step), verify=False,
+                                      max_side=args.max_side)
     mapping = None
     if args.box_scale is not None or args.box_shift is not None:
         base = detector.box_mapping

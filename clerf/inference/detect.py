@@ -5,6 +5,8 @@
   ``haarcascade_frontalface_default.xml`` (OpenCV 4.x wheels ship it; 5.x do not, hence the
   ``opencv-python-headless<5`` pin). Frontal and near-frontal faces only.
 * :class:`BoxesDetector`: boxes given by the user (``--boxes boxes.json``).
+* ``blazeface``: MediaPipe's BlazeFace CNN (:mod:`clerf.inference.blazeface`; optional,
+  ``make detect-extra``).
 * ``package.module:ClassName`` plugs in any other :class:`FaceDetector` subclass.
 
 Detector box -> crop. Models are trained on the benchmark protocol crop, computed from the
@@ -246,15 +248,20 @@ class BoxesDetector(FaceDetector):
 
 def build_detector(name: str = "haar", boxes: str | Path | None = None, **params: Any
                    ) -> FaceDetector:
-    """``haar``, ``boxes`` (needs ``boxes``) or ``package.module:ClassName``."""
+    """``haar``, ``blazeface`` (MediaPipe, ``make detect-extra``), ``boxes`` (needs ``boxes``)
+    or ``package.module:ClassName``."""
     if boxes is not None:
         return BoxesDetector.from_file(boxes)
     if name == "haar":
         return HaarDetector(**params)
+    if name == "blazeface":
+        from clerf.inference.blazeface import BlazeFaceDetector
+
+        return BlazeFaceDetector(**params)
     if is_class_spec(name):
         return load_class(name, FaceDetector, "--detector")(**params)
-    raise ConfigError(f"unknown detector '{name}' (known: haar, or package.module:ClassName; "
-                      "user boxes with --boxes FILE)")
+    raise ConfigError(f"unknown detector '{name}' (known: haar, blazeface, or "
+                      "package.module:ClassName; user boxes with --boxes FILE)")
 
 
 def landmark_box_from_detection(box: Box, mapping: BoxMapping = BoxMapping()
