@@ -51,6 +51,14 @@ def register(subparsers, parents) -> None:
                    help="re-cut each face turned by the model's own in-plane estimate, N times "
                    "(default 0)")
     p.add_argument("--max-frames", type=int, default=0, help="videos: stop after N frames")
+    p.add_argument("--smooth", action="store_true",
+                   help="videos: One-Euro filter each face's rotation on SO(3) over the frames "
+                   "(off by default: it trades lag for steadiness)")
+    p.add_argument("--smooth-min-cutoff", type=float, default=1.0, metavar="HZ",
+                   help="--smooth: cutoff when the head holds still (default 1.0; lower = "
+                   "steadier, more lag)")
+    p.add_argument("--smooth-beta", type=float, default=0.01, metavar="B",
+                   help="--smooth: cutoff increase per deg/s of head speed (default 0.01)")
     p.add_argument("--no-annotate", action="store_true", help="skip the annotated outputs")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0 ...")
     p.set_defaults(func=run)
@@ -70,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-side must be >= 0, got {args.max_side}")
     if args.refine < 0:
         raise UsageError(f"--refine must be >= 0, got {args.refine}")
+    if args.smooth_min_cutoff <= 0 or args.smooth_beta < 0:
+        raise UsageError(f"--smooth-min-cutoff must be > 0 and --smooth-beta >= 0, got "
+                         f"{args.smooth_min_cutoff} and {args.smooth_beta}")
+    smooth = ({"min_cutoff": args.smooth_min_cutoff, "beta": args.smooth_beta}
+              if args.smooth else None)
     device = resolve_device(args.device, "--device")
     detector = build_detector(args.detector, boxes=args.boxes)
     if args.boxes is None and isinstance(detector, HaarDetector):
@@ -91,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_pose_model(args.model, device=device)
     record = run_predict(model, args.inputs, args.out, detector, crop_preset=args.crop,
                          mapping=mapping, refine=args.refine, annotate_outputs=not args.no_annotate,
-                         max_frames=args.max_frames, log=lambda m: print(m, file=sys.stderr))
+                         max_frames=args.max_frames, log=lambda m: print(m, file=sys.stderr),
+                         smooth=smooth)
     n_in = len(record["inputs"])
     n_none = sum(r["status"] != "ok" for r in record["inputs"])
     print(f"predict: {len(record['faces'])} face(s) in {n_in} input(s)"

@@ -52,6 +52,7 @@ __all__ = [
     "BoxMapping",
     "HAAR_MAPPING",
     "build_detector",
+    "NAMED_DETECTORS",
     "load_boxes",
     "landmark_box_from_detection",
 ]
@@ -246,6 +247,10 @@ class BoxesDetector(FaceDetector):
         return {"name": self.name, "file": self.source}
 
 
+#: detectors known by name beyond ``haar``: the class each name stands for
+NAMED_DETECTORS = {"blazeface": "clerf.inference.blazeface:BlazeFaceDetector"}
+
+
 def build_detector(name: str = "haar", boxes: str | Path | None = None, **params: Any
                    ) -> FaceDetector:
     """``haar``, ``blazeface`` (MediaPipe, ``make detect-extra``), ``boxes`` (needs ``boxes``)
@@ -254,10 +259,8 @@ def build_detector(name: str = "haar", boxes: str | Path | None = None, **params
         return BoxesDetector.from_file(boxes)
     if name == "haar":
         return HaarDetector(**params)
-    if name == "blazeface":
-        from clerf.inference.blazeface import BlazeFaceDetector
-
-        return BlazeFaceDetector(**params)
+    if name in NAMED_DETECTORS:  # by name, loaded as a plug-in (no import from here)
+        return load_class(NAMED_DETECTORS[name], FaceDetector, "--detector")(**params)
     if is_class_spec(name):
         return load_class(name, FaceDetector, "--detector")(**params)
     raise ConfigError(f"unknown detector '{name}' (known: haar, blazeface, or "

@@ -55,6 +55,7 @@ def run_predict(
     annotate_outputs: bool = True,
     max_frames: int = 0,
     log: Callable[[str], None] = print,
+    smooth: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Predict every face of every input; write JSON, CSV and annotated files into ``out``.
 
@@ -90,7 +91,8 @@ def run_predict(
         else:
             target = out / "annotated" / f"{name}.mp4" if annotate_outputs else None
             t0 = time.perf_counter()
-            found, frames = predict_video(predictor, path, target, max_frames=max_frames)
+            found, frames = predict_video(predictor, path, target, max_frames=max_frames,
+                                          smooth=smooth)  # fmt: skip
             rec["frames"] = frames
             rec["fps"] = frames / max(time.perf_counter() - t0, 1e-9)
             if target is not None:
@@ -102,7 +104,8 @@ def run_predict(
         faces.extend(found)
         records.append(rec)
     record = {"inputs": records, "faces": [f.as_dict() for f in faces],
-              "settings": {**predictor.describe(), "model": model.describe()},
+              "settings": {**predictor.describe(), "model": model.describe(),
+                           "smooth": smooth},
               "conventions": "rotation rows = head axes (right, up, nose) in camera coordinates "
                              "(x right, y up, z toward the viewer); pitch, yaw, roll in degrees, "
                              "R = Rz(roll) @ Ry(yaw) @ Rx(pitch)"}

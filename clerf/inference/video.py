@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,15 +47,42 @@ def _fps(path: str | Path) -> float:
     return fps if fps and np.isfinite(fps) and fps > 0 else 25.0
 
 
+def _smoothed(found: list[FacePose], filters: dict[int, Any], rate: float,
+              smooth: dict[str, float]) -> list[FacePose]:  # fmt: skip
+    """The faces of one frame with their rotations One-Euro filtered (per face index)."""
+    import dataclasses
+
+    import torch
+
+    from clerf.geometry import euler_from_rotation
+    from clerf.inference.smoothing import OneEuroSO3
+
+    for gone in set(filters) - {f.face for f in found}:
+        filters.pop(gone)
+    out = []
+    for f in found:
+        flt = filters.setdefault(f.face, OneEuroSO3(rate, **smooth))
+        R = flt(f.rotation)
+        e = euler_from_rotation(torch.as_tensor(R)[None])
+        out.append(dataclasses.replace(f, rotation=R, pitch=float(e.pitch[0]),
+                                       yaw=float(e.yaw[0]), roll=float(e.roll[0])))
+    return out
+
+
 def predict_video(
     predictor: FacePredictor, path: str | Path, out_video: str | Path | None = None,
-    max_frames: int = 0,
+    max_frames: int = 0, smooth: dict[str, float] | None = None,
 ) -> tuple[list[FacePose], int]:
     """Faces of every frame (``frame`` set on each :class:`FacePose`) and the frame count.
 
     A detector with ``detect_near`` (:class:`clerf.inference.search.RotationSearch`) searches
     the turns near the previous frame's faces first and the full search only when that finds
     nothing, so a video does not pay the full angle search on every frame.
+
+    With ``smooth`` (``{"min_cutoff": Hz, "beta": per deg/s}``) each face's rotation (faces
+    matched by their index in the frame, left to right) goes through a One-Euro filter on SO(3)
+    (:class:`clerf.inference.smoothing.OneEuroSO3`, at the video's frame rate); a face index
+    missing from a frame restarts its filter. Off by default.
 
     With ``out_video`` the annotated frames are written as MP4 (``mp4v``) at the input's frame
     rate; the file is written under a temporary name and renamed when complete.
@@ -72,12 +100,16 @@ def predict_video(
     try:
         track = getattr(predictor.detector, "detect_near", None)
         previous: list = []
+        filters: dict[int, Any] = {}
+        rate = _fps(path)
         for k, frame in read_frames(path, max_frames):
             boxes = None
             if track is not None:  # search near the previous frame's faces first
                 boxes = track(frame, previous, str(path), k)
                 previous = boxes
             found = predictor(frame, str(path), frame=k, boxes=boxes)
+            if smooth is not None:
+                found = _smoothed(found, filters, rate, smooth)
             faces.extend(found)
             n += 1
             if out_video is not None:
