@@ -77,3 +77,21 @@ def test_a_constant_input_is_returned_unchanged_and_bad_settings_are_errors():
         np.testing.assert_allclose(flt(R), R, atol=1e-9)
     with pytest.raises(ValueError):
         OneEuroSO3(rate=0.0)
+
+
+@pytest.mark.slow
+def test_video_benchmark_reports_error_jitter_and_fps_with_and_without_smoothing(tmp_path):
+    """The synthetic clip through clerf predict (given boxes) with and without --smooth."""
+    import sys
+    from pathlib import Path
+
+    from fixtures_evaluation import save_tiny_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_video
+
+    model = save_tiny_model(tmp_path / "model", head="sphere", input_size=32)
+    res = bench_video.main([str(model), "--frames", "24"])
+    raw, smooth = res["raw"], res["smoothed"]
+    assert raw["frames"] == smooth["frames"] == 24 and raw["fps"] > 0 and smooth["fps"] > 0
+    assert smooth["jitter_deg"] < raw["jitter_deg"]  # a random model jitters: the filter steadies
