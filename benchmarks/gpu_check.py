@@ -82,30 +82,16 @@ def streamed_run(cfg, out: Path) -> tuple[dict, float, dict]:
     """The fine-tune (its summary), its peak GPU memory (GiB), host syncs of one inner step."""
     import torch
 
-    from clerf.devices import HostSyncCounter
+    from clerf.devices import SyncsPerCall
     from clerf.finetune import run_finetune
     from clerf.training import Trainer
 
-    counts: list[dict] = []
-    real = Trainer.train_micro_batch
-
-    def counted(self, epoch, micro, batch):
-        if len(counts) == 3:  # one step inside a logging window, after the warm-up
-            with HostSyncCounter() as c:
-                done = real(self, epoch, micro, batch)
-            counts.append(dict(c.counts))
-            return done
-        counts.append({})
-        return real(self, epoch, micro, batch)
-
-    Trainer.train_micro_batch = counted
     torch.cuda.reset_peak_memory_stats()
-    try:
+    # one step inside a logging window, after the warm-up, counted; the others at full speed
+    with SyncsPerCall(Trainer, "train_micro_batch", only={3}) as syncs:
         summary = run_finetune(cfg, out)
-    finally:
-        Trainer.train_micro_batch = real
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return summary, peak, counts[3] if len(counts) > 3 else {}
+    return summary, peak, syncs.counts[3] if len(syncs.counts) > 3 else {}
 
 
 def _syncs_text(syncs: dict) -> str:

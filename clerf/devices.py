@@ -119,3 +119,43 @@ class HostSyncCounter:
 def _has_bool_mask(index: object) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class SyncsPerCall:
+    """Counts host syncs per call of ``owner.<method>`` (e.g. ``Trainer.train_micro_batch``):
+    inside the ``with`` block every call runs under its own :class:`HostSyncCounter` and
+    ``counts`` gets one ``{kind: n}`` dict per call; the method is restored on exit. With
+    ``only`` (call numbers from 0), the other calls run uncounted, at full speed (their
+    entries are empty).
+
+        >>> from clerf.training import Trainer
+        >>> with SyncsPerCall(Trainer, "train_micro_batch") as s:  # doctest: +SKIP
+        ...     run_finetune(cfg, out)
+        >>> max(sum(c.values()) for c in s.counts[:-1])  # doctest: +SKIP
+    """
+
+    def __init__(self, owner: object, method: str, only: set[int] | None = None) -> None:
+        self.owner, self.method, self.only = owner, method, only
+        self.counts: list[dict[str, int]] = []
+
+    def __enter__(self) -> SyncsPerCall:
+        real = getattr(self.owner, self.method)
+        self._real = real
+        counts = self.counts
+
+        only = self.only
+
+        def counted(*args, **kwargs):
+            if only is not None and len(counts) not in only:
+                counts.append({})
+                return real(*args, **kwargs)
+            with HostSyncCounter() as c:
+                out = real(*args, **kwargs)
+            counts.append(dict(c.counts))
+            return out
+
+        setattr(self.owner, self.method, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.owner, self.method, self._real)

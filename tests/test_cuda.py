@@ -52,30 +52,22 @@ def test_procedural_renders_on_the_gpu_match_the_cpu():
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_finetune_on_the_gpu_with_few_host_syncs(tmp_path, precision, monkeypatch):
+def test_finetune_on_the_gpu_with_few_host_syncs(tmp_path, precision):
     from clerf.config import load_config
-    from clerf.devices import HostSyncCounter
+    from clerf.devices import SyncsPerCall
     from clerf.finetune import run_finetune
     from clerf.training import Trainer
 
     store = _store(tmp_path / "s.h5")
-    counts: list[int] = []
-    real = Trainer.train_micro_batch
-
-    def counted(self, epoch, micro, batch):
-        with HostSyncCounter() as c:
-            done = real(self, epoch, micro, batch)
-        counts.append(c.total)
-        return done
-
-    monkeypatch.setattr(Trainer, "train_micro_batch", counted)
     cfg = load_config(None, [
         f"finetune.train_store={store}", "encoder.input_size=32", "head.type=sphere",
         "head.sphere_points=64", "finetune.train.batch_size=16", "finetune.train.epochs=2",
         f"finetune.train.mixed_precision={precision}", "finetune.train.log_every=100",
         "finetune.train.progress=false", "finetune.train.tensorboard=false",
     ])  # fmt: skip
-    summary = run_finetune(cfg, tmp_path / "run")
+    with SyncsPerCall(Trainer, "train_micro_batch") as syncs:
+        summary = run_finetune(cfg, tmp_path / "run")
+    counts = [sum(c.values()) for c in syncs.counts]
     prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
     assert prov["mixed_precision_used"] == precision
     assert summary["steps"] == 8 and math.isfinite(summary["last_train_log"]["loss"])

@@ -453,30 +453,21 @@ def test_an_error_on_one_rank_ends_the_two_process_job_with_the_one_line_error(t
 
 
 @pytest.mark.parametrize("head,limit", [("sphere", 0), ("rotation6d", 0), ("binned", 3)])
-def test_host_syncs_per_training_step_are_bounded(blob_store, tmp_path, monkeypatch, head, limit):
+def test_host_syncs_per_training_step_are_bounded(blob_store, tmp_path, head, limit):
     """Scalar reads of tensors inside a fine-tune step from a store, outside the logging
     window: none for heads without bounds; for binned heads the count of labels out of range,
     the rows kept and one range check of the bins (the target of one is not reached there);
     none per image (69 per step of 16 images were counted before: 64 of them per image)."""
-    from clerf.devices import HostSyncCounter
+    from clerf.devices import SyncsPerCall
     from clerf.training import Trainer
 
-    per_step: list[dict] = []
-    real = Trainer.train_micro_batch
-
-    def counted(self, epoch, micro, batch):
-        with HostSyncCounter() as c:
-            done = real(self, epoch, micro, batch)
-        per_step.append(dict(c.counts))
-        return done
-
-    monkeypatch.setattr(Trainer, "train_micro_batch", counted)
     cfg = _cfg(f"finetune.train_store={blob_store}", f"head.type={head}", "head.sphere_points=64",
                "finetune.train.log_every=1000", "finetune.train.epochs=1",
                "finetune.train.checkpoint_epochs=0", "finetune.train.tensorboard=false",
                size=16)  # fmt: skip
-    run_finetune(cfg, tmp_path / head)
-    inner = per_step[:-1]  # the last step closes the logging window (one read for the window)
+    with SyncsPerCall(Trainer, "train_micro_batch") as syncs:
+        run_finetune(cfg, tmp_path / head)
+    inner = syncs.counts[:-1]  # the last step closes the logging window (one read for the window)
     assert len(inner) >= 5
     assert max(sum(c.values()) for c in inner) <= limit, inner[:2]
 

@@ -245,29 +245,20 @@ def test_only_the_main_process_holds_the_retrieval_check_set(stores, monkeypatch
         PretrainTask(load_config(overrides=_overrides(stores, "pretrain.val_size=1")))
 
 
-def test_host_syncs_per_pretraining_step_are_bounded(stores, tmp_path, monkeypatch):
+def test_host_syncs_per_pretraining_step_are_bounded(stores, tmp_path):
     """Outside the logging window a contrastive step reads values back only to build the pair
     indices pytorch-metric-learning takes (two ``nonzero``, clerf's) and inside PML's
     CircleLoss and reducer (six: its boolean-mask indexing), whatever the batch size; the
     step's statistics stay on the device until the window."""
-    from clerf.devices import HostSyncCounter
+    from clerf.devices import SyncsPerCall
     from clerf.training import Trainer
 
-    per_step: list[dict] = []
-    real = Trainer.train_micro_batch
-
-    def counted(self, epoch, micro, batch):
-        with HostSyncCounter() as c:
-            done = real(self, epoch, micro, batch)
-        per_step.append(dict(c.counts))
-        return done
-
-    monkeypatch.setattr(Trainer, "train_micro_batch", counted)
     cfg = load_config(overrides=_overrides(stores, "pretrain.train.epochs=2",
                                            "pretrain.train.batch_size=4",
                                            "pretrain.train.log_every=1000"))  # fmt: skip
-    run_pretrain(cfg, tmp_path)
-    inner = per_step[:-1]
+    with SyncsPerCall(Trainer, "train_micro_batch") as syncs:
+        run_pretrain(cfg, tmp_path)
+    inner = syncs.counts[:-1]
     assert len(inner) >= 5
     assert max(sum(c.values()) for c in inner) <= 8, inner[:2]
     assert max(c.get("nonzero", 0) for c in inner) <= 2

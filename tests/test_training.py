@@ -408,3 +408,21 @@ def test_weight_decay_exempt_norm_bias_follows_timms_rule():
     decayed = {id(p) for p in by_name["all"]["params"]}
     assert decayed == {id(model[0].weight), id(model[3].weight)}  # conv and linear weights only
     assert len(by_name["all_no_decay"]["params"]) == 4  # conv bias, BN weight and bias, fc bias
+
+
+def test_syncs_per_call_counts_each_call_and_restores_the_method():
+    from clerf.devices import SyncsPerCall
+
+    class Owner:
+        def step(self, x):
+            return float(x.sum())  # one scalar read
+
+    original = Owner.step
+    with SyncsPerCall(Owner, "step") as s:
+        Owner().step(torch.ones(3))
+        Owner().step(torch.ones(3))
+    assert s.counts == [{"__float__": 1}, {"__float__": 1}] and Owner.step is original
+    with SyncsPerCall(Owner, "step", only={1}) as s:
+        for _ in range(3):
+            Owner().step(torch.ones(3))
+    assert s.counts == [{}, {"__float__": 1}, {}]

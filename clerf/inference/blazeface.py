@@ -3,14 +3,15 @@
 
 MediaPipe ships two BlazeFace models in its wheel: ``short`` (faces within about 2 m, the selfie
 model) and ``full`` (up to about 5 m; the default here: on the photographs below its eye-line angle
-was off by 3 deg (median) against the short model's 16, and the four turns of the search found each
-face once, where the short model's duplicates escaped the NMS). Each detection has a box, a score
-and six keypoints (eyes, nose tip, mouth centre, ear tragions). The in-plane angle of a face is
-read from its eyes (the line from the subject's right eye to the left one), so a found face comes
-back as a rotated box (:class:`clerf.inference.detect.Box`, ``angle``) even between the turns of
-the face search. BlazeFace tolerates large in-plane turns (on scikit-image's astronaut turned every
-15 deg, the short model found the face up to 120 deg either way, the full one up to 60-90), so the
-search (:class:`clerf.inference.search.RotationSearch`) needs only the four quarter turns.
+was off by 3 deg (median) against the short model's 16 (both measured before the upright second
+pass below), and the four turns of the search found each face once, where the short model's
+duplicates escaped the NMS). Each detection has a box, a score and six keypoints (eyes, nose tip,
+mouth centre, ear tragions). The in-plane angle of a face is read from its eyes (the line from the
+subject's right eye to the left one), so a found face comes back as a rotated box
+(:class:`clerf.inference.detect.Box`, ``angle``) even between the turns of the face search.
+BlazeFace tolerates large in-plane turns (on scikit-image's astronaut turned every 15 deg, the
+short model found the face up to 120 deg either way, the full one up to 60-90), so the search
+(:class:`clerf.inference.search.RotationSearch`) needs only the four quarter turns.
 
 Score threshold 0.75 (MediaPipe's default is 0.5): on scikit-image's photographs the true faces
 scored 0.86 and more, and two false faces on ``hubble_deep_field`` 0.61 and 0.65; a clock face
