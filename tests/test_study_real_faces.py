@@ -82,3 +82,29 @@ def test_real_anchor_chain_of_the_study(tmp_path, capsys):
     rep = json.loads((ev / "report.json").read_text())
     std = rep["models"][0]["results"]["standard"]["pooled"]
     assert std["n"] == 6 and 0.0 <= std["geodesic"]["mean"] <= 180.0
+
+
+def test_why_f_plan_changes_one_thing_per_experiment(tmp_path):
+    """studies/real_anchor_why.py --dry-run: every experiment pretrains from the 100-label
+    real anchors with its one change, is probed on the validation people (across people and
+    against the rendered gallery, features and embedding), fine-tuned like (f)/100 and
+    evaluated on AFLW2000; nothing runs."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(REPO / "studies" / "real_anchor_why.py"),
+                        "--dry-run", "--out", str(tmp_path / "real")],
+                       capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    cmds = [x[2:] for x in p.stdout.splitlines() if x.startswith("+ ")]
+    assert cmds[0].startswith("clerf real-anchor") and "p04_val_64.h5" in cmds[0]
+    assert sum("--gallery" in c and "--embedding" in c for c in cmds) == 6  # random + 5
+    pre = [c for c in cmds if c.startswith("clerf pretrain")]
+    assert len(pre) == 4  # base reuses the study's f_n100
+    assert any("pretrain.train.max_steps=1200" in c for c in pre)
+    assert any("pretrain.loss.gamma=256.0" in c for c in pre)
+    studio = [c for c in cmds if c.startswith("clerf real-anchor") and "style=studio" in c]
+    assert len(studio) == 1 and "p04_train_n100_64.h5" in studio[0]
+    fts = [c for c in cmds if c.startswith("clerf finetune")]
+    assert len(fts) == 5 and all("p04_train_n100_64.h5" in c and "seed=0" in c for c in fts)
+    assert all("--protocol standard" in c for c in cmds if c.startswith("clerf evaluate"))
