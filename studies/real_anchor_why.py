@@ -52,6 +52,9 @@ EXPERIMENTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                ["generator.params.style=studio"], []),
     "circle_pml": ("Circle Loss m 0.4 / gamma 80 (pytorch-metric-learning's defaults)", None,
                    ["pretrain.loss.m=0.4", "pretrain.loss.gamma=80.0"]),
+    "triplet_pairs": ("the negative rule: only each triplet's own pairs (photo-render positive, "
+                      "render negatives), no batch-wide pairs (photo-photo negatives)", None,
+                      ["pretrain.loss.batch_pairs=false"]),
     "circle_g256": ("Circle Loss gamma 256 (the Circle Loss paper's face setting), m 0.25", None,
                     ["pretrain.loss.gamma=256.0"]),
 }

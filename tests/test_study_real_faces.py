@@ -98,13 +98,14 @@ def test_why_f_plan_changes_one_thing_per_experiment(tmp_path):
     assert p.returncode == 0, p.stderr
     cmds = [x[2:] for x in p.stdout.splitlines() if x.startswith("+ ")]
     assert cmds[0].startswith("clerf real-anchor") and "p04_val_64.h5" in cmds[0]
-    assert sum("--gallery" in c and "--embedding" in c for c in cmds) == 6  # random + 5
+    assert sum("--gallery" in c and "--embedding" in c for c in cmds) == 7  # random + 6
     pre = [c for c in cmds if c.startswith("clerf pretrain")]
-    assert len(pre) == 4  # base reuses the study's f_n100
+    assert len(pre) == 5  # base reuses the study's f_n100
     assert any("pretrain.train.max_steps=1200" in c for c in pre)
     assert any("pretrain.loss.gamma=256.0" in c for c in pre)
+    assert any("pretrain.loss.batch_pairs=false" in c for c in pre)
     studio = [c for c in cmds if c.startswith("clerf real-anchor") and "style=studio" in c]
     assert len(studio) == 1 and "p04_train_n100_64.h5" in studio[0]
     fts = [c for c in cmds if c.startswith("clerf finetune")]
-    assert len(fts) == 5 and all("p04_train_n100_64.h5" in c and "seed=0" in c for c in fts)
+    assert len(fts) == 6 and all("p04_train_n100_64.h5" in c and "seed=0" in c for c in fts)
     assert all("--protocol standard" in c for c in cmds if c.startswith("clerf evaluate"))
