@@ -131,8 +131,17 @@ def experiment(ctx: Ctx, name: str, rendered: Path) -> None:
     pre = enc / "summary.json"
     if pre.exists():
         res["pretrain_summary"] = json.loads(pre.read_text())
+    res["pretrain_loss"] = loss_curve(enc / "metrics.jsonl")
     WHY.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps(res, indent=1))
+
+
+def loss_curve(path: Path) -> list[list[float]]:
+    """(step, Circle Loss) of every logging window of a pretraining (its metrics.jsonl)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [[r["step"], r["loss"]] for r in rows if "loss" in r and "step" in r]
 
 
 def random_probes(ctx: Ctx, rendered: Path) -> None:
@@ -148,9 +157,10 @@ def random_probes(ctx: Ctx, rendered: Path) -> None:
 
 
 def report() -> str:
-    rows = ["| experiment | change | val people (fine-tuned) | AFLW2000 std | probe across "
+    rows = ["| experiment | change | pretraining loss (first -> last window) | val people "
+            "(fine-tuned) | AFLW2000 std | probe across "
             "people kNN-1 / linear | gallery kNN-1 (features / embedding) | gallery linear "
-            "(features / embedding) |", "|---|---|---|---|---|---|---|"]
+            "(features / embedding) |", "|---|---|---|---|---|---|---|---|"]
     for name in ["random", *EXPERIMENTS]:
         p = WHY / f"{name}.json"
         if not p.exists():
@@ -159,8 +169,10 @@ def report() -> str:
         pr = r["probes_val"]
         val = f"{r['val']['geodesic_deg']:.1f}" if "val" in r else "-"
         afl = f"{r['aflw2000']['standard']['geodesic']:.1f}" if "aflw2000" in r else "-"
+        curve = r.get("pretrain_loss") or []
+        loss = f"{curve[0][1]:.1f} -> {curve[-1][1]:.1f}" if curve else "-"
         rows.append(
-            f"| {name} | {r['change']} | {val} | {afl} | "
+            f"| {name} | {r['change']} | {loss} | {val} | {afl} | "
             f"{pr['across_people']['knn1_deg']:.1f} / {pr['across_people']['linear_probe_deg']:.1f}"
             f" | {pr['gallery_features']['knn1_deg']:.1f} / "
             f"{pr['gallery_embedding']['knn1_deg']:.1f} | "
