@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -151,15 +153,23 @@ def test_astronaut_found_turned(search, astronaut):
     assert _check_found(search, astronaut, 52.0) == 0
 
 
+#: the whole sweep (24 turns, about 5 min on a 2-core CPU) with CLERF_FULL_SEARCH_SWEEP=1
+FULL_SWEEP = os.environ.get("CLERF_FULL_SEARCH_SWEEP") == "1"
+
+
 @pytest.mark.slow
 def test_astronaut_found_at_every_15_deg_and_mirrored(search, astronaut):
-    false = sum(_check_found(search, astronaut, float(a)) for a in np.arange(0.0, 360.0, 15.0))
+    """The face found once at every turn and mirrored. By default 6 turns on and off the
+    search grid's quarter turns, where the full sweep measured no false face (about 1.5 min);
+    ``CLERF_FULL_SEARCH_SWEEP=1`` runs all 24 turns (measured: 5 false faces elsewhere in the
+    26 photos, at 15, 75, 165, 330 and 345 deg; docs/evaluate_predict_export.md)."""
+    angles = np.arange(0.0, 360.0, 15.0) if FULL_SWEEP else (0.0, 45.0, 90.0, 180.0, 225.0, 270.0)
+    false = sum(_check_found(search, astronaut, float(a)) for a in angles)
     x, y, w, h = AST_BOX
     mirrored = np.ascontiguousarray(astronaut[:, ::-1])
     for angle in (0.0, 135.0):
         false += _check_found(search, mirrored, angle, (512 - x - w, y, w, h))
-    # measured: 5 false faces elsewhere in these 26 photos (at 15, 75, 165, 330, 345 deg; docs)
-    assert false <= 5
+    assert false <= (5 if FULL_SWEEP else 0)
 
 
 @pytest.mark.parametrize("angle", [0.0, pytest.param(120.0, marks=pytest.mark.slow)])
@@ -177,10 +187,11 @@ def test_profile_photo_found(search, camera, angle):
 
 @pytest.mark.slow
 def test_no_false_faces_on_bundled_non_faces(search):
-    """lfw_subset's 100 non-face patches (upscaled and padded as a photo) and bundled photos
-    without a face: no detection at any angle of the search."""
+    """lfw_subset's 100 non-face patches (upscaled and padded as a photo; every fourth one
+    unless CLERF_FULL_SEARCH_SWEEP=1) and bundled photos without a face: no detection at any
+    angle of the search."""
     lfw = skdata.lfw_subset()
-    for im in lfw[100:]:
+    for im in lfw[100::1 if FULL_SWEEP else 4]:
         g = cv2.resize((im * 255).astype(np.uint8), (100, 100), interpolation=cv2.INTER_CUBIC)
         g = cv2.copyMakeBorder(g, 30, 30, 30, 30, cv2.BORDER_REPLICATE)
         assert search.detect(np.repeat(g[..., None], 3, axis=2)) == []
