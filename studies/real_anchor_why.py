@@ -87,7 +87,7 @@ def probes(ctx: Ctx, encoder: str, rendered: Path) -> dict:
 
 def experiment(ctx: Ctx, name: str, rendered: Path) -> None:
     kept = WHY / f"{name}.json"
-    if kept.exists():
+    if kept.exists() and not ctx.dry:  # a dry run prints the whole plan, kept results or not
         return
     what, ra_over, pre_over = EXPERIMENTS[name]
     base = ctx.out / "pretrain" / "f_n100"
