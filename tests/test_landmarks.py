@@ -190,3 +190,17 @@ def test_fit_and_evaluate_on_a_real_photograph(tmp_path, capsys):
     s = rep["models"][0]["results"]["standard"]["pooled"]
     assert "missed" not in s and s["n"] == 3
     assert s["geodesic"]["mean"] < 8.0, s["geodesic"]
+
+
+def test_predict_draws_a_face_without_a_pose():
+    """A face whose predictor returned nothing (NaN rotation) is drawn as a box with 'no pose',
+    not a crash; the refine pass keeps its box."""
+    from clerf.inference.detect import Box
+    from clerf.inference.predict import FacePose, annotate
+
+    img = np.zeros((80, 80, 3), dtype=np.uint8)
+    nan = float("nan")
+    face = FacePose("x.png", None, 0, Box(10, 10, 40, 40), (10, 10, 40, 40),
+                    np.full((3, 3), nan), nan, nan, nan)  # fmt: skip
+    out = annotate(img, [face])
+    assert out.shape == img.shape and out.any()  # the box and the text are drawn
