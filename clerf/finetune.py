@@ -24,10 +24,12 @@ composed label falls outside the bins are handled by ``finetune.out_of_range``:
 * ``error``: the step fails with a one-line error naming the count and a value.
 
 Every image still goes through the network (so batch statistics and the DDP graph do not depend on
-the labels); only the loss skips dropped samples, and out-of-range labels never reach
-``cross_entropy``. The counts are logged every step (``out_of_range``: labels outside the bins
-before any redraw, ``dropped``: excluded from the loss) and totalled in the model's training
-summary.
+the labels); only the loss skips dropped samples: they weigh 0 in every term (a mask on the
+device, no boolean indexing and no host read; their clamped bin index never counts), which
+equals the loss of the kept rows alone (tested). ``drop`` costs no host sync per step; ``error``
+reads one count per step, ``resample`` one per redraw round. The counts are logged every step
+(``out_of_range``: labels outside the bins before any redraw, ``dropped``: excluded from the
+loss) and totalled in the model's training summary.
 
 Freezing: ``finetune.freeze`` lists encoder parameter prefixes frozen for the whole run (HopeNet
 freezes the stem: ``backbone.conv1``, ``backbone.bn1``); the first ``finetune.probe_epochs`` train
@@ -209,7 +211,7 @@ class OutOfRangePolicy:
             return params, None, 0
         ok = head.in_range(compose_rotation(R, params.to(R.device)))
         if self.policy != "resample":
-            return params, ok, -1  # counted with the drops: one host read per step
+            return params, ok, -1  # counted with the drops, on the device
         n_out = int((~ok).sum())
         if self.policy == "resample":
             for _ in range(self.tries):
@@ -221,12 +223,16 @@ class OutOfRangePolicy:
                 ok[bad] = head.in_range(compose_rotation(R[bad], new.to(R.device)))
         return params, ok, n_out
 
-    def dropped(self, R: Tensor, params: GeometricParams, ok: Tensor | None) -> int:
-        """How many labels are left out of the loss; under ``error`` any is an error."""
+    def dropped(self, R: Tensor, params: GeometricParams, ok: Tensor | None) -> int | Tensor:
+        """How many labels are left out of the loss: under ``drop`` and ``resample`` a count
+        on the device (no host read: it is logged with the window); under ``error`` any is an
+        error, which costs the policy's one host read per step."""
         if ok is None:
             return 0
+        if self.policy != "error":
+            return (~ok).sum()
         n_drop = int((~ok).sum())
-        if self.policy == "error" and n_drop:
+        if n_drop:
             from clerf.models.heads import euler_targets
 
             e = euler_targets(compose_rotation(R, params.to(R.device))[~ok][:1])[0].tolist()
@@ -237,10 +243,15 @@ class OutOfRangePolicy:
             )
         return n_drop
 
-    def record(self, n: int, n_out: int, n_drop: int) -> None:
+    def record(self, n: int, n_out: int | Tensor, n_drop: int | Tensor) -> None:
+        """Add a step's counts (device tensors stay on the device until :meth:`totals`)."""
         self.counts["labels"] += n
-        self.counts["out_of_range"] += n_out
-        self.counts["dropped"] += n_drop
+        self.counts["out_of_range"] = self.counts["out_of_range"] + n_out
+        self.counts["dropped"] = self.counts["dropped"] + n_drop
+
+    def totals(self) -> dict[str, int]:
+        """The counts as integers (one host read, at the end of the run)."""
+        return {k: int(v) for k, v in self.counts.items()}
 
 
 @dataclass
@@ -482,18 +493,20 @@ class FinetuneTask(Task):
         if ctx.train_cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)
-        if n_drop == 0:
-            loss, parts = raw.loss(out, R_aug)
-        elif n_drop < n:
-            keep = ok.nonzero()[:, 0]
-            loss, parts = raw.loss({k: v[keep] for k, v in out.items()}, R_aug[keep])
-        else:
-            # Nothing to learn from, but every process must still take part in the backward.
-            loss = sum(v.float().sum() for v in out.values()) * 0.0
-            parts = {}
         self.out_of_range.record(n, n_out, n_drop)
-        logs: dict[str, Any] = {k: v.detach() for k, v in parts.items()}  # summed on the device
-        logs.update(out_of_range=float(n_out), dropped=float(n_drop))
+        if ok is None:
+            loss, parts = raw.loss(out, R_aug)
+            logs: dict[str, Any] = {k: v.detach() for k, v in parts.items()}  # summed on device
+        else:
+            # Labels outside the bins weigh 0 (no boolean indexing, no host read). A step whose
+            # labels were all dropped has a zero loss with zero gradients (every process still
+            # takes part in the backward) and leaves its loss parts out of the window's means.
+            w = ok.to(torch.float32)
+            loss, parts = raw.loss(out, R_aug, weight=w)
+            present = (w.sum() > 0).to(torch.float32)
+            logs = {k: (v.detach(), present) for k, v in parts.items()}
+        logs.update(out_of_range=n_out if isinstance(n_out, Tensor) else float(n_out),
+                    dropped=n_drop if isinstance(n_drop, Tensor) else float(n_drop))
         return loss, logs
 
     @torch.no_grad()
@@ -543,7 +556,7 @@ class FinetuneTask(Task):
             "images_seen": summary["images_seen"],
             "world_size": summary["world_size"],
             "out_of_range_policy": self.out_of_range.policy,
-            "out_of_range_counts_this_run_main_process": dict(self.out_of_range.counts),
+            "out_of_range_counts_this_run_main_process": self.out_of_range.totals(),
             "evaluation": summary["evaluation"],
             "seed": int(self.cfg.seed),
         }

@@ -59,6 +59,7 @@ __all__ = [
     "is_rotation",
     "image_axes",
     "view_angles",
+    "rotation_from_opencv",
     "wrap_degrees",
     "euler_abs_error",
     "maev",
@@ -392,6 +393,20 @@ def image_axes(R: Tensor) -> Tensor:
     where y points **down**: ``(R[i, 0], -R[i, 1])``. Length is the axis' projected length (<= 1).
     """
     return torch.stack([R[..., :, 0], -R[..., :, 1]], dim=-1)
+
+
+def rotation_from_opencv(R_cv: Tensor) -> Tensor:
+    """clerf's pose ``(..., 3, 3)`` from an OpenCV object-to-camera rotation (``cv2.solvePnP``).
+
+    OpenCV's camera has x right, y **down**, z **forward** (away from the viewer); clerf's has
+    x right, y up, z toward the viewer (``C = diag(1, -1, -1)`` between them). With the object
+    points given in the head frame (x: the image's right on a frontal face, y up, z the nose),
+    ``X_cv = R_cv p + t``, so head axis ``i`` in clerf's camera is column ``i`` of ``C R_cv``,
+    and clerf's rows-are-head-axes matrix is ``(C R_cv)^T``. A frontal face (``R_cv = C``) gives
+    the identity.
+    """
+    C = torch.diag(_diag_like((1.0, -1.0, -1.0), R_cv))
+    return (C @ R_cv).transpose(-1, -2)
 
 
 def view_angles(R: Tensor) -> tuple[Tensor, Tensor]:

@@ -193,7 +193,8 @@ class Task(ABC):
 
         ``model`` is the wrapped (DDP) model: call it, do not reach into ``.module``. Logs are
         floats (or 0-d tensors) averaged over the logging interval, e.g. counters of dropped
-        samples.
+        samples; a ``(value, present)`` pair of tensors counts only where ``present`` is 1 (a
+        step that has nothing to report for that key, decided on the device).
         """
 
     def log_keys(self, model: nn.Module) -> tuple[str, ...]:
@@ -723,6 +724,7 @@ class _Window:
         if self.first_bad is None:
             self.first_bad = torch.full((), -1.0, dtype=self.dtype, device=self.device)
         self.sums = torch.zeros(k, dtype=self.dtype, device=self.device)
+        self.dev_counts = torch.zeros(k, dtype=self.dtype, device=self.device)
         self.host_sums = [0.0] * k
         self.counts = [0] * k
         self.n = 0
@@ -736,6 +738,11 @@ class _Window:
             if i is None:
                 raise RuntimeError(f"training: the task logged '{k}', which its log_keys() "
                                    f"does not declare ({', '.join(self.keys)})")  # fmt: skip
+            if isinstance(v, tuple):  # (value, present): a weight on the device, 0 or 1
+                value, present = (t.detach().float().mean().to(self.dtype) for t in v)
+                self.sums[i] += torch.where(present > 0, value * present, 0.0)
+                self.dev_counts[i] += present
+                continue
             if isinstance(v, Tensor):  # as a host-side float(v.float().mean()) would be
                 self.sums[i] += v.detach().float().mean().to(self.dtype)
             else:
@@ -749,7 +756,8 @@ class _Window:
         steps that logged it (a key no step logged is left out)."""
         host = torch.tensor([self.host_sums, self.counts], dtype=self.dtype)
         total = torch.stack([self.sums, host[0].to(self.device)]).sum(0)
-        both = torch.cat([total, host[1].to(self.device)]).to(accelerator.device)
+        counts = host[1].to(self.device) + self.dev_counts
+        both = torch.cat([total, counts]).to(accelerator.device)
         both = accelerator.reduce(both, reduction="sum").tolist()
         k = len(self.keys)
         return {key: both[i] / both[k + i] for i, key in enumerate(self.keys) if both[k + i]}

@@ -180,8 +180,12 @@ def probe(ctx: Ctx) -> None:
     for data, flags in PROBE_DATA.items():
         out = ctx.results / "probes" / f"{data}.txt"
         key = " ".join([*(e for _, e in encs), *flags])
-        if out.exists() and out.read_text().startswith(f"# {key}\n"):
-            continue
+        if out.exists():
+            kept = out.read_text().split("\n", 1)[0].removeprefix("# ").split()
+            # a kept probe of these encoders (or of more: a fresh machine, or --variants
+            # without the pretrained ones, must not replace it with fewer rows)
+            if set(key.split()) <= set(kept):
+                continue
         text = run(ctx, ["probe", *[e for _, e in encs], "--data", ctx.store(data),
                          "--max-samples", "64" if ctx.smoke else "1024", *flags])
         if not ctx.dry:

@@ -126,3 +126,27 @@ def test_tensor_source_checks_its_inputs():
         TensorSource(torch.zeros(2, 3, 8, 8), torch.eye(3).expand(2, 3, 3))
     with pytest.raises(ValueError, match="not a rotation"):
         TensorSource(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.ones(2, 3, 3))
+
+
+def test_lowres_views_resample_the_image_and_keep_the_label():
+    """HopeNet's low-resolution protocol: one view per factor; the label is the stored one; the
+    image keeps its size, loses its fine detail (a 1-px checkerboard becomes flat grey at factor
+    2 and more) and keeps its coarse content (a smooth ramp survives)."""
+    from clerf.evaluation.protocols import LOWRES_FACTORS, downsample_upsample
+
+    views = build_views("lowres")
+    assert [v.name for v in views] == [f"down{f}" for f in LOWRES_FACTORS]
+    assert [v.factor for v in views] == [1, 2, 3, 4, 6] and all(v.euler for v in views)
+    R = random_rotation(2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ii, jj = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    checker = ((ii + jj) % 2).float().expand(2, 3, 48, 48).contiguous()
+    ramp = (jj.float() / 47).expand(2, 3, 48, 48).contiguous()
+    for v in views:
+        out, lab = v.apply(checker, R)
+        assert out.shape == checker.shape and lab is R
+        if v.factor == 1:
+            assert torch.equal(out, checker)
+        else:
+            assert (out[..., 8:-8, 8:-8] - 0.5).abs().max() < 0.1, v.name
+            smooth = downsample_upsample(ramp, v.factor)
+            assert (smooth - ramp)[..., 8:-8, 8:-8].abs().max() < 0.03, v.name

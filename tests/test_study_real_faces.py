@@ -109,3 +109,28 @@ def test_why_f_plan_changes_one_thing_per_experiment(tmp_path):
     fts = [c for c in cmds if c.startswith("clerf finetune")]
     assert len(fts) == 6 and all("p04_train_n100_64.h5" in c and "seed=0" in c for c in fts)
     assert all("--protocol standard" in c for c in cmds if c.startswith("clerf evaluate"))
+
+
+def test_a_kept_probe_table_is_not_replaced_by_fewer_encoders(tmp_path, capsys):
+    """A fresh machine with no pretrained encoders (e.g. --variants a,b,e) keeps the probe table
+    of a run that had them; a table of fewer encoders than now available is measured again."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("real_study", REPO / "studies" / "real_study.py")
+    rs = importlib.util.module_from_spec(spec)
+    sys.modules["real_study"] = rs  # its dataclasses look their module up
+    spec.loader.exec_module(rs)
+    results = tmp_path / "results"
+    (results / "probes").mkdir(parents=True)
+    for data, flags in rs.PROBE_DATA.items():
+        header = " ".join(["random:resnet18@64", "runs/real/pretrain/c", *flags])
+        (results / "probes" / f"{data}.txt").write_text(f"# {header}\n| kept |\n")
+    ctx = rs.Ctx(tmp_path / "out", tmp_path / "stores", "clerf", True, False, results)
+    rs.probe(ctx)
+    assert "clerf probe" not in capsys.readouterr().out
+    for data in rs.PROBE_DATA:
+        assert (results / "probes" / f"{data}.txt").read_text().endswith("| kept |\n")
+    (results / "probes" / "aflw2000.txt").write_text("# other-encoder\n| kept |\n")
+    rs.probe(ctx)
+    assert capsys.readouterr().out.count("clerf probe") == 1

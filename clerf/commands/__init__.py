@@ -19,4 +19,5 @@ COMMANDS: list[str] = [
     "pipeline",
     "curves",
     "probe",
+    "landmark_fit",
 ]

@@ -34,14 +34,17 @@ def register(subparsers, parents) -> None:
     p = subparsers.add_parser(
         "evaluate",
         parents=parents,
-        help="evaluate pose models on protocols (standard, rotated, flipped, full_range)",
+        help="evaluate pose models on protocols (standard, rotated, flipped, lowres, "
+             "full_range)",
         description=(
-            "Evaluate one or more saved HeadPoseModel directories on a labelled or triplet "
+            "Evaluate one or more saved HeadPoseModel directories (or landmark baselines of "
+            "'clerf landmark-fit') on a labelled or triplet "
             "store. Protocols: standard (as stored), rotated (in-plane sweep, labels composed "
-            "exactly), flipped (horizontal, vertical), full_range (uniform SO(3) rendered by "
-            "the generator with a fixed seed). Writes OUT/report.json, OUT/report.md, "
-            "per-sample CSVs and PNG figures. Results do not depend on --batch-size, the sample "
-            "order or the number of accelerate processes."
+            "exactly), flipped (horizontal, vertical), lowres (each image down-sampled by "
+            "1, 2, 3, 4 and 6 and up-sampled back: HopeNet's low-resolution experiment), "
+            "full_range (uniform SO(3) rendered by the generator with a fixed seed). Writes "
+            "OUT/report.json, OUT/report.md, per-sample CSVs and PNG figures. Results do not "
+            "depend on --batch-size, the sample order or the number of accelerate processes."
         ),
     )
     p.add_argument("models", nargs="+", metavar="MODEL",

@@ -170,6 +170,7 @@ def collect_errors(
     out = {}
     # The dataset's own Euler triple labels the images as stored: identity views only.
     ds_euler = source.dataset_euler()
+    # the dataset's triple still labels a lowres view (resampled, not turned)
     identity = {f"{v.protocol}/{v.name}" for v in views if v.angle is None and v.flip is None}
     for key, parts in rows.items():
         local = torch.cat(parts) if parts else torch.zeros(0, 19, dtype=torch.float64)

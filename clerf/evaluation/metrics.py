@@ -129,6 +129,8 @@ class SampleErrors:
         euler_err: ``(N, 3)`` absolute Euler errors ``(yaw, pitch, roll)``, wrapped by 360 only.
         euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` triple where the
             source has one and the image is as stored; NaN otherwise.
+        missed: ``(N,)`` bool, the predictor returned no rotation (a non-finite one, e.g. the
+            landmark baseline found no face): scored as the constant upright, frontal answer.
     """
 
     index: np.ndarray
@@ -139,6 +141,7 @@ class SampleErrors:
     euler_pred: np.ndarray
     euler_err: np.ndarray
     euler_dataset: np.ndarray
+    missed: np.ndarray
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -186,6 +189,10 @@ def compute_errors(
         raise ValueError("compute_errors: duplicate sample indices")
     Rp = R_pred.detach().to("cpu", torch.float64)[order]
     Rt = R_true.detach().to("cpu", torch.float64)[order]
+    # No prediction (non-finite): scored as the constant upright, frontal answer and counted.
+    missed = ~torch.isfinite(Rp).all(dim=-1).all(dim=-1)
+    if missed.any():
+        Rp = torch.where(missed[:, None, None], torch.eye(3, dtype=Rp.dtype), Rp)
     ax = axis_errors(Rp, Rt)
     et, ep = _euler_ypr(Rt), _euler_ypr(Rp)
     if euler_dataset is None:
@@ -205,6 +212,7 @@ def compute_errors(
         euler_pred=ep.numpy(),
         euler_err=euler_abs_error(ep, et).numpy(),
         euler_dataset=ed,
+        missed=missed.numpy(),
     )
 
 
@@ -322,6 +330,8 @@ def summarize(
 
     Returns:
         ``{"n", "geodesic": {"mean", "median", "p90"}, "maev", "under": {"5": share, ...},
+        "missed" (only when the predictor returned nothing for some samples: their count,
+        share and the mean geodesic error of the others),
         "euler": {"yaw", "pitch", "roll", "mean", "n", "note", "definition"} or {"n": 0, "note",
         "definition"}}``, plus ``"euler_comparable": {"yaw", "pitch", "roll", "mean", "n",
         "definition"}`` when every sample carries the dataset's own triple.
@@ -340,6 +350,12 @@ def summarize(
         "maev": _mean(errors.maev),
         "under": {f"{t:g}": int(np.count_nonzero(g < t)) / n for t in thresholds},
     }
+    m = int(np.count_nonzero(errors.missed))
+    if m:  # a predictor that can return nothing (the landmark baseline): say how often
+        found = g[~errors.missed]
+        out["missed"] = {"n": m, "share": m / n,
+                         "scored_as": "the constant upright, frontal answer (identity)",
+                         "geodesic_mean_found": _mean(found) if found.size else None}
     if not euler:
         out["euler"] = {"n": 0, "note": "not reported: Euler angles are ill-defined over this "
                         "range (full rotation group); see geodesic error and MAEV"}

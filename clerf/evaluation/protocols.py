@@ -9,6 +9,9 @@ images on the device and composes the labels **exactly** with :mod:`clerf.geomet
   label ``rotate_inplane(R, phi) = R @ Rz(phi)``; one view per angle of the sweep (default
   +-15, +-30, +-60, +-90 and 180 deg). Corners that come from outside the image are 0 (black).
 * ``flipped``: horizontal mirror (``hflip_rotation``) and vertical mirror (``vflip_rotation``).
+* ``lowres``: HopeNet's low-resolution experiment: each image down-sampled by a factor
+  (:data:`LOWRES_FACTORS`: 1, 2, 3, 4, 6; antialiased bilinear) and up-sampled back to its size
+  (bilinear), labels unchanged; one view per factor (``down1`` is the image as stored).
 
 Images are warped and labels composed by :mod:`clerf.augment` (the code that augments training
 batches, its sign pinned by its tests and by the renderer-oracle test of this module); images
@@ -41,6 +44,7 @@ from clerf.geometry import check_rotation, random_rotation
 __all__ = [
     "PROTOCOLS",
     "DEFAULT_ROTATED_ANGLES",
+    "LOWRES_FACTORS",
     "View",
     "build_views",
     "EvalSource",
@@ -53,6 +57,8 @@ __all__ = [
 PROTOCOLS: tuple[str, ...] = EVALUATE_PROTOCOLS  # the config's enumeration
 #: the default in-plane sweep (degrees, clockwise on screen)
 DEFAULT_ROTATED_ANGLES: tuple[float, ...] = tuple(EvaluateConfig().rotated_angles)
+#: the down-sampling factors of the ``lowres`` protocol (HopeNet's Fig. 5: 1, 2, 3, 4, 6)
+LOWRES_FACTORS: tuple[int, ...] = (1, 2, 3, 4, 6)
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,14 @@ class View:
         name: unique within the protocol (``none``, ``rot+15``, ``hflip``, ``vflip``).
         angle: in-plane angle in degrees, clockwise on screen (``rotated`` only).
         flip: ``"h"`` or ``"v"`` (``flipped`` only).
+        factor: down-sampling factor (``lowres`` only); the labels do not change.
     """
 
     protocol: str
     name: str
     angle: float | None = None
     flip: str | None = None
+    factor: int | None = None
 
     @property
     def euler(self) -> bool:
@@ -94,6 +102,8 @@ class View:
         image centre, zero padding; labels by :func:`clerf.augment.compose_rotation`), the same
         code that augments training batches.
         """
+        if self.factor is not None:
+            return downsample_upsample(images, self.factor), rotations
         if self.angle is None and self.flip is None:
             return images, rotations
         params = self.params(images.shape[0], images.device)
@@ -101,7 +111,20 @@ class View:
 
     def describe(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "name": self.name, "angle": self.angle,
-                "flip": self.flip}
+                "flip": self.flip, "factor": self.factor}
+
+
+def downsample_upsample(images: Tensor, factor: int) -> Tensor:
+    """``(B, 3, S, S)`` float images down-sampled to ``round(S / factor)`` px (antialiased
+    bilinear) and up-sampled back to ``S`` (bilinear); ``factor`` 1 returns them unchanged."""
+    if factor == 1:
+        return images
+    s = images.shape[-1]
+    small = max(1, round(s / factor))
+    x = torch.nn.functional.interpolate(images, size=(small, small), mode="bilinear",
+                                        antialias=True, align_corners=False)  # fmt: skip
+    x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+    return x.clamp_(0.0, 1.0)
 
 
 def _angle_name(a: float) -> str:
@@ -121,6 +144,8 @@ def build_views(protocol: str, angles: Sequence[float] = DEFAULT_ROTATED_ANGLES)
         return [View("rotated", n, angle=float(a)) for n, a in zip(names, angles, strict=True)]
     if protocol == "flipped":
         return [View("flipped", "hflip", flip="h"), View("flipped", "vflip", flip="v")]
+    if protocol == "lowres":
+        return [View("lowres", f"down{f}", factor=f) for f in LOWRES_FACTORS]
     if protocol == "full_range":
         return [View("full_range", "uniform")]
     raise ConfigError(f"unknown protocol '{protocol}' (known: {', '.join(PROTOCOLS)})")

@@ -144,6 +144,12 @@ def markdown_report(report: dict[str, Any]) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
                 if e["note"] != "all samples":
                     notes.append(f"{m['name']} / {view}: Euler {e['note']}")
+                if "missed" in s:
+                    ms = s["missed"]
+                    found = ms["geodesic_mean_found"]
+                    notes.append(f"{m['name']} / {view}: no rotation for {ms['n']} of {s['n']} "
+                                 f"({100 * ms['share']:.1f}%), scored as the frontal answer; "
+                                 f"geo mean of the others {_fmt(found)}")
         lines.append("")
         if notes:
             lines += [f"- {n}" for n in dict.fromkeys(notes)] + [""]
@@ -183,20 +189,22 @@ def _comparable_table(report: dict[str, Any], protocol: str) -> list[str]:
 
 
 def write_samples_csv(path: Path, per_protocol: dict[str, dict[str, SampleErrors]]) -> None:
-    """One row per protocol x view x sample."""
+    """One row per protocol x view x sample (``missed``: 1 where the predictor returned no
+    rotation, scored as the frontal answer)."""
     with replacing(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["protocol", "view", "index", "geodesic", "maev", "err_right", "err_up",
                     "err_nose", "yaw_err", "pitch_err", "roll_err", "yaw_true", "pitch_true",
                     "roll_true", "yaw_pred", "pitch_pred", "roll_pred", "yaw_dataset",
-                    "pitch_dataset", "roll_dataset"])
+                    "pitch_dataset", "roll_dataset", "missed"])
         for p, views in per_protocol.items():
             for v, e in views.items():
                 for i in range(len(e)):
                     w.writerow([p, v, int(e.index[i]), *(f"{x:.6f}" for x in (
                         e.geodesic[i], e.maev[i], *e.axis[i], *e.euler_err[i], *e.euler_true[i],
                         *e.euler_pred[i])),
-                        *("" if math.isnan(x) else f"{x:.6f}" for x in e.euler_dataset[i])])
+                        *("" if math.isnan(x) else f"{x:.6f}" for x in e.euler_dataset[i]),
+                        int(e.missed[i])])
 
 
 def _canvas(nrows: int, ncols: int, size: tuple[float, float]):

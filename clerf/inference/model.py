@@ -104,7 +104,8 @@ class _RotationModule(nn.Module):
 
 def load_pose_model(path: str | Path | PoseModel, device: torch.device | str = "cpu"
                     ) -> PoseModel:
-    """Load a saved ``HeadPoseModel`` directory as a :class:`PoseModel` on ``device``.
+    """Load a saved ``HeadPoseModel`` directory (or a landmark-to-pose baseline fitted by
+    ``clerf landmark-fit``: :mod:`clerf.inference.landmarks`) as a :class:`PoseModel`.
 
     A :class:`PoseModel` passes through (moved to ``device``), so Python callers can evaluate
     models that live in memory.
@@ -120,6 +121,15 @@ def load_pose_model(path: str | Path | PoseModel, device: torch.device | str = "
     p = Path(path)
     if not p.exists():
         raise DataError(f"model not found: {p}")
+    from clerf.inference.landmarks import is_landmark_model, load_landmark_model
+
+    if is_landmark_model(p):  # the landmark-to-pose baseline (clerf landmark-fit)
+        module, rec = load_landmark_model(p)
+        info = {"path": str(p), "crop_source": "model",
+                "head": {"type": "LandmarkPnP", "landmarks": rec.get("landmarks"),
+                         "focal": rec["focal"], "fitted_on": rec.get("fitted_on")}}
+        return PoseModel(module, input_size=rec["input_size"], crop_preset=rec["crop_preset"],
+                         resize_mode="center", info=info).to(device)
     from clerf.models.pose_model import HeadPoseModel
 
     model = HeadPoseModel.from_pretrained(p, map_location="cpu")

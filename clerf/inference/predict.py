@@ -196,6 +196,7 @@ class FacePredictor:
         x, _ = self.crops(image, boxes)
         R = self.model.predict_rotations(x).double().cpu()
         _, psi = split_camera_inplane(R)
+        psi = torch.nan_to_num(psi, nan=0.0)  # no pose (the landmark baseline): keep the box
         return [replace(b, angle=wrap180(b.angle + float(p))) for b, p in zip(boxes, psi,
                                                                               strict=True)]
 
@@ -235,9 +236,12 @@ def annotate(image: np.ndarray, faces: Iterable[FacePose]) -> np.ndarray:
         corners = cv2.boxPoints(((b.x + b.w / 2, b.y + b.h / 2), (b.w, b.h), float(b.angle)))
         cv2.polylines(out, [np.round(corners).astype(np.int32)], True, (255, 255, 255), thick,
                       cv2.LINE_AA)
-        out = draw_axes(out, f.rotation, centre=(b.x + b.w / 2, b.y + b.h / 2),
-                        size=0.6 * max(b.w, b.h), thickness=max(2, round(b.w / 60)))
-        text = f"p {f.pitch:.0f} y {f.yaw:.0f} r {f.roll:.0f}"
+        if np.isfinite(f.rotation).all():
+            out = draw_axes(out, f.rotation, centre=(b.x + b.w / 2, b.y + b.h / 2),
+                            size=0.6 * max(b.w, b.h), thickness=max(2, round(b.w / 60)))
+            text = f"p {f.pitch:.0f} y {f.yaw:.0f} r {f.roll:.0f}"
+        else:  # a predictor that can return nothing (the landmark baseline): NaN angles
+            text = "no pose"
         scale = max(0.4, b.w / 250)
         org = (int(b.x), max(12, int(b.y) - 6))
         cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)

@@ -56,6 +56,7 @@ __all__ = [
     "CombinedHead",
     "SphereGridHead",
     "binned_loss",
+    "weighted_mean",
     "decode_bins_circular",
     "geodesic_loss",
     "chordal_loss",
@@ -86,12 +87,24 @@ def euler_targets(rotations: Tensor, spec: BinSpec | None = None) -> Tensor:
     return e
 
 
+def weighted_mean(x: Tensor, weight: Tensor | None) -> Tensor:
+    """``x.mean()``, or the mean of ``x`` under per-sample weights ``(B,)`` (a 0/1 mask keeps
+    the rows it marks) with no host read: ``sum(w x) / max(sum(w), 1)``, 0 when every weight is 0.
+    Rows of weight 0 never reach the sum, so a NaN there (a label the mask left out) is harmless.
+    """
+    if weight is None:
+        return x.mean()
+    w = weight.to(x.dtype)
+    return torch.where(w > 0, x * w, 0.0).sum() / w.sum().clamp_min(1.0)
+
+
 def binned_loss(
     logits: Tensor,
     target_deg: Tensor,
     spec: BinSpec = HOPENET_BINS,
     alpha: float = 2.0,
     circular: bool = False,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """HopeNet's multi-loss, summed over the three angles, averaged over the batch.
 
@@ -106,6 +119,11 @@ def binned_loss(
         spec: the bins; a label outside ``[spec.start, spec.stop)`` raises ``ValueError`` (filter
             such samples before calling: see :meth:`BinnedEulerHead.in_range`).
         alpha: weight of the regression term (deg^2).
+        weight: optional per-sample weights ``(B,)``, e.g. the in-range mask of
+            :meth:`BinnedEulerHead.in_range`: every term is then a :func:`weighted_mean`, labels
+            of weight 0 may lie outside the bins (their bin index is clamped and never counts),
+            and nothing is read back to the host (the fine-tune's path: no range check, no
+            boolean indexing).
 
     Returns:
         ``(loss, parts)`` with ``parts`` holding detached per-angle ``ce_<angle>``,
@@ -119,23 +137,27 @@ def binned_loss(
                          f"got {tuple(target_deg.shape)}")
     total = logits.new_zeros(())
     parts: dict[str, Tensor] = {}
-    # one range check (one host read) for the three angles; the error names the angle
-    inside = bool(spec.contains(target_deg.detach().double()).all())
+    # one range check (one host read) for the three angles; the error names the angle. With
+    # weights the caller has masked what lies outside: no check, no read.
+    inside = weight is not None or bool(spec.contains(target_deg.detach().double()).all())
     for k, name in enumerate(ANGLE_NAMES):
         idx = angle_to_bin(target_deg[:, k].contiguous(), spec, name=f"{name} label",
                            check=not inside)  # fmt: skip
-        ce = F.cross_entropy(logits[:, k], idx)
+        if weight is None:
+            ce = F.cross_entropy(logits[:, k], idx)
+        else:
+            ce = weighted_mean(F.cross_entropy(logits[:, k], idx, reduction="none"), weight)
         if circular:
             decoded = decode_bins_circular(logits[:, k], spec)
             diff = wrap_degrees(decoded - target_deg[:, k].to(decoded))
         else:
             decoded = decode_bins(logits[:, k], spec)
             diff = decoded - target_deg[:, k].to(decoded)
-        mse = (diff * diff).mean()
+        mse = weighted_mean(diff * diff, weight)
         total = total + ce + alpha * mse
         parts[f"ce_{name}"] = ce.detach()
         parts[f"mse_{name}"] = mse.detach()
-        parts[f"mae_{name}"] = diff.detach().abs().mean()
+        parts[f"mae_{name}"] = weighted_mean(diff.detach().abs(), weight)
     return total, parts
 
 
@@ -194,7 +216,10 @@ class PoseHead(nn.Module, ABC):
     def loss(
         self, outputs: dict[str, Tensor], rotations: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(scalar loss, detached named parts)`` against label rotations ``(B, 3, 3)``."""
+        """``(scalar loss, detached named parts)`` against label rotations ``(B, 3, 3)``.
+
+        Bounded heads (:attr:`bounded`) also take ``weight``: per-sample weights ``(B,)`` (the
+        :meth:`in_range` mask) under which every term is a :func:`weighted_mean`."""
 
     #: whether some labels are outside what the head can learn (binned Euler ranges): only
     #: then does the fine-tune check :meth:`in_range` (a host read per step)
@@ -284,10 +309,11 @@ class BinnedEulerHead(PoseHead):
         return self.spec.contains(e).all(dim=-1)
 
     def loss(
-        self, outputs: dict[str, Tensor], rotations: Tensor
+        self, outputs: dict[str, Tensor], rotations: Tensor, weight: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return binned_loss(
-            outputs["logits"], self.targets(rotations), self.spec, self.alpha, self.circular
+            outputs["logits"], self.targets(rotations), self.spec, self.alpha, self.circular,
+            weight=weight,
         )
 
     @property
@@ -339,9 +365,17 @@ class Rotation6DHead(PoseHead):
         return rotation_from_6d(outputs["sixd"])
 
     def loss(
-        self, outputs: dict[str, Tensor], rotations: Tensor
+        self, outputs: dict[str, Tensor], rotations: Tensor, weight: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         R = self.rotation(outputs)
+        if weight is not None:  # a CombinedHead's in-range mask: per-sample terms, no host read
+            geo = torch.deg2rad(geodesic_distance(R, rotations.to(R)))
+            if self.loss_name == "chordal":
+                per = (R - rotations.to(R)).square().sum(dim=(-2, -1))
+                loss = weighted_mean(per, weight)
+            else:
+                loss = weighted_mean(geo, weight)
+            return loss, {"geodesic_deg": torch.rad2deg(weighted_mean(geo.detach(), weight))}
         if self.loss_name == "chordal":
             with torch.no_grad():
                 geo = geodesic_loss(R, rotations)
@@ -393,10 +427,10 @@ class CombinedHead(PoseHead):
         return self.binned.in_range(rotations)
 
     def loss(
-        self, outputs: dict[str, Tensor], rotations: Tensor
+        self, outputs: dict[str, Tensor], rotations: Tensor, weight: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        lb, pb = self.binned.loss(outputs, rotations)
-        lr, pr = self.rotation6d.loss(outputs, rotations)
+        lb, pb = self.binned.loss(outputs, rotations, weight=weight)
+        lr, pr = self.rotation6d.loss(outputs, rotations, weight=weight)
         parts = {**pb, **pr, "loss_binned": lb.detach(), "loss_rotation6d": lr.detach()}
         return self.binned_weight * lb + self.rotation6d_weight * lr, parts
 

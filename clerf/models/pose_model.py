@@ -194,13 +194,19 @@ class HeadPoseModel(nn.Module):
         graph and the current train/eval mode; the export- and evaluation-friendly path)."""
         return self.head.rotation(self(images))
 
-    def loss(self, outputs: dict[str, Tensor], rotations: Tensor) -> tuple[Tensor, dict]:
+    def loss(self, outputs: dict[str, Tensor], rotations: Tensor,
+             weight: Tensor | None = None) -> tuple[Tensor, dict]:  # fmt: skip
         """The head's training loss against label rotations ``(B, 3, 3)``.
 
         Outputs are cast to float32 first: under mixed precision the network runs in fp16/bf16,
-        but a softmax expectation in degrees and its squared error need float32.
+        but a softmax expectation in degrees and its squared error need float32. ``weight``:
+        per-sample weights ``(B,)`` for a bounded head (its in-range mask; see
+        ``PoseHead.loss``).
         """
-        return self.head.loss({k: v.float() for k, v in outputs.items()}, rotations.float())
+        outs = {k: v.float() for k, v in outputs.items()}
+        if weight is None:
+            return self.head.loss(outs, rotations.float())
+        return self.head.loss(outs, rotations.float(), weight=weight)
 
     def prepare_images(self, images: Tensor) -> Tensor:
         """Check and resize face crops to float ``(B, 3, input_size, input_size)`` in [0, 1]."""
