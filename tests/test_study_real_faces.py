@@ -134,3 +134,29 @@ def test_a_kept_probe_table_is_not_replaced_by_fewer_encoders(tmp_path, capsys):
     (results / "probes" / "aflw2000.txt").write_text("# other-encoder\n| kept |\n")
     rs.probe(ctx)
     assert capsys.readouterr().out.count("clerf probe") == 1
+
+
+def test_lowres_figure_reads_a_lowres_report(tmp_path):
+    """studies/lowres_figure.py: factors in order, the comparable Euler MAE and the missed share
+    per view, and a PNG written."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    views = {f"down{f}": {"euler_comparable": {"mean": 7.0 + f}, **(
+        {"missed": {"share": 0.01 * f}} if f > 1 else {})} for f in (6, 1, 2)}
+    params = {f"down{f}": {"factor": f} for f in (6, 1, 2)}
+    rep = {"models": [{"name": "m", "results": {"lowres": {"views": views,
+                                                           "view_params": params}}}]}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(rep))
+    spec = importlib.util.spec_from_file_location("lowres_figure",
+                                                  REPO / "studies" / "lowres_figure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.series(rep) == [("m", [1, 2, 6], [8.0, 9.0, 13.0], [0.0, 0.02, 0.06])]
+    out = tmp_path / "fig.png"
+    p = subprocess.run([sys.executable, str(REPO / "studies" / "lowres_figure.py"), str(path),
+                        "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
