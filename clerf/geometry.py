@@ -60,6 +60,7 @@ __all__ = [
     "image_axes",
     "view_angles",
     "rotation_from_opencv",
+    "points_from_opencv",
     "wrap_degrees",
     "euler_abs_error",
     "maev",
@@ -395,6 +396,10 @@ def image_axes(R: Tensor) -> Tensor:
     return torch.stack([R[..., :, 0], -R[..., :, 1]], dim=-1)
 
 
+#: the axis signs between OpenCV's camera (y down, z forward) and clerf's (y up, z to the viewer)
+_OPENCV_TO_CLERF = (1.0, -1.0, -1.0)
+
+
 def rotation_from_opencv(R_cv: Tensor) -> Tensor:
     """clerf's pose ``(..., 3, 3)`` from an OpenCV object-to-camera rotation (``cv2.solvePnP``).
 
@@ -405,8 +410,15 @@ def rotation_from_opencv(R_cv: Tensor) -> Tensor:
     and clerf's rows-are-head-axes matrix is ``(C R_cv)^T``. A frontal face (``R_cv = C``) gives
     the identity.
     """
-    C = torch.diag(_diag_like((1.0, -1.0, -1.0), R_cv))
+    C = torch.diag(_diag_like(_OPENCV_TO_CLERF, R_cv))
     return (C @ R_cv).transpose(-1, -2)
+
+
+def points_from_opencv(X: Tensor) -> Tensor:
+    """Points ``(..., 3)`` in OpenCV's camera axes (x right, y down, z away from the viewer; also
+    MediaPipe's face-mesh pixels and relative depth) in clerf's camera axes (x right, y up, z
+    toward the viewer): ``C X`` with the ``C`` of :func:`rotation_from_opencv`."""
+    return X * _diag_like(_OPENCV_TO_CLERF, X)
 
 
 def view_angles(R: Tensor) -> tuple[Tensor, Tensor]:

@@ -204,3 +204,19 @@ def test_predict_draws_a_face_without_a_pose():
                     np.full((3, 3), nan), nan, nan, nan)  # fmt: skip
     out = annotate(img, [face])
     assert out.shape == img.shape and out.any()  # the box and the text are drawn
+
+
+def test_points_from_opencv_matches_the_rotation_rule():
+    """Oracle: a point posed by OpenCV's R_cv, moved into clerf's axes, equals the point posed by
+    clerf's rotation (rows = head axes: X = R^T p)."""
+    from clerf.geometry import points_from_opencv
+
+    g = torch.Generator().manual_seed(4)
+    R = random_rotation(8, g).double()
+    p = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    C = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+    R_cv = C @ R.transpose(-1, -2)  # so that rotation_from_opencv(R_cv) == R
+    torch.testing.assert_close(rotation_from_opencv(R_cv), R)
+    X_cv = (R_cv @ p[..., None])[..., 0]
+    X = (R.transpose(-1, -2) @ p[..., None])[..., 0]
+    torch.testing.assert_close(points_from_opencv(X_cv), X)

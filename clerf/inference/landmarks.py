@@ -91,8 +91,16 @@ class MeshLandmarker:
 
     def __init__(self) -> None:
         solution_base, face_mesh = _mesh_module()
+        graph = getattr(face_mesh, "_BINARYPB_FILE_PATH", None)  # mediapipe 0.10.21's layout
+        if graph is None or not hasattr(solution_base, "SolutionBase"):
+            import mediapipe
+
+            raise ConfigError(
+                f"the landmark baseline needs mediapipe 0.10.21's face-mesh solution; the "
+                f"installed mediapipe {getattr(mediapipe, '__version__', '?')} has another "
+                "layout: run `make detect-extra`")
         self._mesh = solution_base.SolutionBase(
-            binary_graph_path=face_mesh._BINARYPB_FILE_PATH,
+            binary_graph_path=graph,
             side_inputs={"num_faces": 1, "with_attention": False, "use_prev_landmarks": False},
             outputs=["multi_face_landmarks"],
         )
@@ -145,7 +153,9 @@ def solve_rotation(points2d: np.ndarray, model3d: np.ndarray, size: int, focal: 
 
 def mesh_camera_points(mesh: np.ndarray) -> np.ndarray:
     """The mesh's 3D estimate in clerf's camera axes (x right, y up, z toward the viewer)."""
-    return mesh * np.array([1.0, -1.0, -1.0])
+    from clerf.geometry import points_from_opencv
+
+    return points_from_opencv(torch.from_numpy(np.asarray(mesh, dtype=np.float64))).numpy()
 
 
 def _normalise(X: np.ndarray) -> np.ndarray:
