@@ -14,15 +14,17 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from clerf.errors import ConfigError
 from clerf.geometry import HOPENET_BINS, PROTOCOL_MAX_ABS_ANGLE
+from clerf.registry import Registry, check_choices
+from clerf.registry import need as _need
 from clerf.versions import CONVENTIONS_VERSION, __version__
 
 # --------------------------------------------------------------------------- schema sections
@@ -87,13 +89,14 @@ class StoreConfig:
 
 
 @dataclass
-class EncoderConfig:
-    """The backbone + projection head (``clerf.models.encoder.Encoder``)."""
+class EncoderSpec:
+    """Everything that rebuilds an encoder (``clerf.models.encoder.Encoder``), saved in its
+    ``config.json``: the ``encoder`` section without the weights it starts from."""
 
-    #: torchvision backbone: ``resnet18``, ``resnet34`` or ``resnet50``
+    #: backbone (``clerf/models/backbones.py``): torchvision's ``resnet18``, ``resnet34``,
+    #: ``resnet50``, or a timm convolutional model by name (``repvgg_a0``,
+    #: ``mobilenetv3_small_100``; ``timm/NAME`` forces timm)
     arch: str = "resnet18"
-    #: torchvision weight name (``IMAGENET1K_V1``, ``DEFAULT``; needs internet) or null = random
-    weights: str | None = None
     #: dimension of the L2-normalised embedding
     embedding_dim: int = 128
     #: hidden width of the 2-layer projection MLP; 0 = a single linear layer
@@ -106,6 +109,50 @@ class EncoderConfig:
     #: zero (after normalisation) everything outside a centred disk of this radius, as a
     #: fraction of the image size (0 = off): hides the empty corners of rotated images
     circle_mask: float = 0.44
+
+    def __post_init__(self) -> None:
+        self.mean = [float(x) for x in self.mean]
+        self.std = [float(x) for x in self.std]
+        self.circle_mask = float(self.circle_mask)
+        self.validate()
+
+    def validate(self, path: str = "encoder") -> None:
+        """``ConfigError`` naming ``path.key``; the architecture is looked up among the
+        backbones (``clerf/models/backbones.py``, imported by name: it sits above this module)."""
+        import importlib
+
+        backbones = importlib.import_module("clerf.models.backbones")
+        if not backbones.is_backbone(self.arch):
+            raise backbones.unknown_backbone(self.arch, f"{path}.arch")
+        _need(self.embedding_dim >= 1, f"{path}.embedding_dim", ">= 1", self.embedding_dim)
+        _need(self.projection_hidden >= 0, f"{path}.projection_hidden", ">= 0",
+              self.projection_hidden)  # fmt: skip
+        _need(self.input_size >= 16, f"{path}.input_size", ">= 16 pixels", self.input_size)
+        for name in ("mean", "std"):
+            v = list(getattr(self, name))
+            _need(len(v) == 3, f"{path}.{name}", "3 numbers (RGB)", v)
+        _need(min(self.std) > 0, f"{path}.std", "positive numbers", list(self.std))
+        _need(self.circle_mask == 0.0 or 0.25 <= self.circle_mask <= 0.75, f"{path}.circle_mask",
+              "0 (off) or a radius in [0.25, 0.75] of the image size", self.circle_mask)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> EncoderSpec:
+        """The spec of a config section (``cfg.encoder``) or a saved ``config.json`` dict."""
+        from dataclasses import fields
+
+        return EncoderSpec(**{f.name: (list(cfg[f.name]) if f.name in ("mean", "std")
+                                       else cfg[f.name])
+                              for f in fields(EncoderSpec) if f.name in cfg})  # fmt: skip
+
+
+@dataclass
+class EncoderConfig(EncoderSpec):
+    """The ``encoder`` section: the backbone + projection head (:class:`EncoderSpec`) and what
+    its backbone starts from."""
+
+    #: null = random; a torchvision weight name (``IMAGENET1K_V1``), ``pretrained`` (timm's
+    #: default tag) or a saved state dict's path (offline, loaded strictly)
+    weights: str | None = None
 
 
 @dataclass
@@ -283,34 +330,65 @@ class HeadBinsConfig:
     #: number of bins (HopeNet: 66 over [-99, 99); full range: 120 over [-180, 180))
     num_bins: int = HOPENET_BINS.num_bins
 
+    def validate(self, path: str = "head.bins") -> None:
+        from clerf.geometry import BinSpec
+
+        try:
+            BinSpec(start=float(self.start), width=float(self.width), num_bins=int(self.num_bins))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
 
 @dataclass
 class HeadConfig:
-    """Pose head on top of the encoder (``clerf/models/heads.py``)."""
+    """The ``head`` section: ``type`` names a head registered in :data:`HEADS`; the section's
+    other keys are that head's own config (its dataclass, a subclass of this one, declared beside
+    the head in ``clerf/models/heads.py`` or a user's module). :func:`load_config` reads the type
+    first, then types the section by it."""
 
-    #: ``binned`` (HopeNet multi-loss Euler bins), ``rotation6d`` (6D + Gram-Schmidt), ``both``,
-    #: or ``sphere`` (up and nose directions classified over a grid on the sphere)
+    #: a registered head: ``binned`` (HopeNet multi-loss Euler bins), ``rotation6d`` (6D +
+    #: Gram-Schmidt), ``both``, ``sphere`` (up and nose directions over a grid on the sphere)
     type: str = "binned"
-    bins: HeadBinsConfig = field(default_factory=HeadBinsConfig)
-    #: weight of the MSE (deg^2) of the softmax expectation next to the cross-entropy (HopeNet's
-    #: best AFLW2000 result used 2; its best BIWI result used 1)
-    alpha: float = 2.0
-    #: ``auto`` (circular mean when the bins span 360 deg), ``expectation``, ``circular``
-    decode: str = "auto"
-    #: hidden width of the 6D head's MLP; 0 = a single linear layer
-    hidden: int = 256
-    #: the 6D head's loss: ``geodesic`` (6DRepNet: the angle, radians) or ``chordal`` (squared
-    #: Frobenius distance of the matrices; smooth at 180 deg, where full-range training starts)
-    loss: str = "geodesic"
-    #: ``sphere`` head: grid directions per axis and the soft-target kernel width (deg)
-    sphere_points: int = 512
-    sphere_sigma_deg: float = 8.0
-    #: loss weights when ``type: both``
-    binned_weight: float = 1.0
-    rotation6d_weight: float = 1.0
-    #: which head gives the predicted rotation when ``type: both``: ``auto`` (= rotation6d),
-    #: ``rotation6d``, ``binned``
-    predict_from: str = "auto"
+
+    def validate(self, path: str = "head") -> None:
+        """Checks beyond OmegaConf's types (ranges, combinations; the ``Literal`` choices again
+        for configs built in Python): ``ConfigError`` naming ``path.key``. Subclasses extend it."""
+        check_choices(self, path)
+
+    def build(self, in_features: int) -> Any:
+        """The head module on ``in_features`` encoder features."""
+        raise NotImplementedError(f"{type(self).__qualname__}.build")
+
+
+#: the pose heads by ``head.type``; the built-in ones register in ``clerf.models.heads``
+HEADS: Registry[HeadConfig] = Registry("head", "head.type", builtins=("clerf.models.heads",))
+#: the default ``head.type``
+DEFAULT_HEAD = HeadConfig.type
+#: keys of the one flat ``head`` section of clerf before heads owned their configs: models and
+#: runs saved then carry all of them, whatever the type (dropped when the type has no such key)
+LEGACY_HEAD_KEYS = frozenset({"bins", "alpha", "decode", "hidden", "loss", "binned_weight",
+                              "rotation6d_weight", "predict_from", "sphere_points",
+                              "sphere_sigma_deg"})  # fmt: skip
+
+
+def head_config(values: Any, path: str = "head", legacy: bool = False) -> HeadConfig:
+    """A validated head config (its registered dataclass) from a ``head`` section: a plain dict,
+    a DictConfig, a head config instance or None (the default head). ``legacy``: accept the flat
+    sections of models and runs saved before (:data:`LEGACY_HEAD_KEYS`)."""
+    if isinstance(values, HeadConfig) and type(values) is not HeadConfig:
+        check_config(OmegaConf.structured(values), path)
+        return values
+    if values is None:
+        d: dict[str, Any] = {}
+    elif isinstance(values, DictConfig):
+        d = OmegaConf.to_container(values, resolve=True)  # type: ignore[assignment]
+    elif is_dataclass(values):
+        d = asdict(values)  # type: ignore[arg-type]
+    else:
+        d = dict(values)
+    head = HEADS.from_dict(d, path, DEFAULT_HEAD, ignore=LEGACY_HEAD_KEYS if legacy else ())
+    check_config(OmegaConf.structured(head), path)
+    return head
 
 
 @dataclass
@@ -485,17 +563,8 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 PADDINGS = ("zeros", "border", "reflection")
 EVALUATE_PROTOCOLS = ("standard", "rotated", "flipped", "lowres", "full_range")
-HEAD_TYPES = ("binned", "rotation6d", "both", "sphere")
-DECODE_MODES = ("auto", "expectation", "circular")
-ROTATION_LOSSES = ("geodesic", "chordal")
-PREDICT_FROM = ("auto", "rotation6d", "binned")
 OUT_OF_RANGE_POLICIES = ("drop", "resample", "error")
 RESIZE_MODES = ("center", "hopenet", "6drepnet", "stretch")
-
-
-def _need(ok: bool, key: str, what: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
 
 
 def check_train(tc: Any, path: str = "train") -> None:
@@ -565,32 +634,6 @@ def check_evaluate(e: Any, path: str = "evaluate") -> None:
     need(e["max_samples"] >= 0, "max_samples", "an integer >= 0")
 
 
-def check_head(hc: Any, path: str = "head") -> None:
-    """A ``head`` section (:class:`HeadConfig`): type, bins, decode, widths, losses."""
-    import math
-
-    from clerf.geometry import BinSpec
-
-    def need(ok: bool, key: str, what: str) -> None:
-        _need(ok, f"{path}.{key}", what, hc[key])
-
-    need(hc["type"] in HEAD_TYPES, "type", "one of " + ", ".join(HEAD_TYPES))
-    need(math.isfinite(float(hc["alpha"])) and hc["alpha"] >= 0, "alpha", "a number >= 0")
-    need(hc["predict_from"] in PREDICT_FROM, "predict_from", "auto, rotation6d or binned")
-    need(hc["decode"] in DECODE_MODES, "decode", "one of " + ", ".join(DECODE_MODES))
-    need(hc["hidden"] >= 0, "hidden", "an integer >= 0")
-    need(hc["loss"] in ROTATION_LOSSES, "loss", "one of " + ", ".join(ROTATION_LOSSES))
-    need(hc["sphere_points"] >= 12, "sphere_points", "an integer >= 12")
-    need(0.5 <= hc["sphere_sigma_deg"] <= 90, "sphere_sigma_deg", "a number in [0.5, 90]")
-    for key in ("binned_weight", "rotation6d_weight"):
-        need(hc[key] >= 0, key, "a number >= 0")
-    b = hc["bins"]
-    try:
-        BinSpec(start=float(b["start"]), width=float(b["width"]), num_bins=int(b["num_bins"]))
-    except ValueError as exc:
-        raise ConfigError(f"{path}.bins: {exc}") from None
-
-
 def check_finetune(fc: Any, path: str = "finetune") -> None:
     """The ``finetune`` section's own keys (:class:`FinetuneConfig`)."""
     import math
@@ -627,24 +670,28 @@ def check_prepare(pc: Any, path: str = "prepare") -> None:
 
 #: the checks of each section type, run wherever such a section appears
 SECTION_CHECKS = {TrainConfig: check_train, AugmentConfig: check_augment,
-                  EvaluateConfig: check_evaluate, HeadConfig: check_head,
+                  EvaluateConfig: check_evaluate,
                   FinetuneConfig: check_finetune, PrepareConfig: check_prepare}  # fmt: skip
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, path: str = "") -> None:
     """Run every section's checks with its dotted path (once, when a config is loaded or
-    derived; the stages rely on it)."""
+    derived; the stages rely on it): the checks of :data:`SECTION_CHECKS`, and the ``validate``
+    method of a component's own config (heads, bins)."""
 
     def walk(node: DictConfig, path: str) -> None:
-        check = SECTION_CHECKS.get(OmegaConf.get_type(node))  # type: ignore[arg-type]
+        kind = OmegaConf.get_type(node)
+        check = SECTION_CHECKS.get(kind)  # type: ignore[arg-type]
         if check is not None:
             check(node, path or "config")
+        elif isinstance(kind, type) and callable(getattr(kind, "validate", None)):
+            OmegaConf.to_object(node).validate(path)  # type: ignore[union-attr]
         for key in node:
             value = node._get_node(key)
             if isinstance(value, DictConfig):
                 walk(value, f"{path}.{key}" if path else str(key))
 
-    walk(cfg, "")
+    walk(cfg, path)
 
 
 # --------------------------------------------------------------------------- loading
@@ -662,7 +709,13 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, source)) from exc
+        msg = _describe(exc, source)
+        key = str(getattr(exc, "full_key", "") or "")
+        if isinstance(exc, ConfigKeyError) and key.startswith("head.") and key.count(".") == 1 \
+                and "head" in base:  # fmt: skip
+            kind = base.head.type
+            msg += f" (the '{kind}' head's keys: {', '.join(HEADS.fields(kind))})"
+        raise ConfigError(msg) from exc
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
@@ -712,6 +765,49 @@ def _load_chain(p: Path) -> list[tuple[Path, DictConfig]]:
         p = p.parent / base
 
 
+def _head_type(source: DictConfig) -> Any:
+    head = source.get("head") if isinstance(source, DictConfig) else None
+    return head.get("type") if isinstance(head, DictConfig) else None
+
+
+def _type_head(cfg: DictConfig, sources: list[tuple[str, DictConfig]]
+               ) -> list[tuple[str, DictConfig]]:  # fmt: skip
+    """The two-step load of the ``head`` section (OmegaConf has no tagged unions): the last
+    ``head.type`` the sources set picks the head's dataclass (:data:`HEADS`), which then types
+    ``cfg.head``; keys that sources before a change of type set and the new type lacks are dropped
+    (``head.type=rotation6d`` over a ``sphere`` file keeps ``hidden``, drops ``sphere_points``).
+    Returns the sources to merge."""
+    kind, where, changed = str(cfg.head.type), "", -1
+    for i, (source, loaded) in enumerate(sources):
+        t = _head_type(loaded)
+        if t is not None and str(t) != kind:
+            kind, where, changed = str(t), source, i
+    cfg.head = HEADS.config_class(kind, where)()
+    keep = set(HEADS.fields(kind))
+    out = []
+    for i, (source, loaded) in enumerate(sources):
+        if i < changed and isinstance(loaded.get("head"), DictConfig):
+            loaded = loaded.copy()
+            head = loaded.head
+            for key in [k for k in head if k not in keep]:
+                del head[key]
+        out.append((source, loaded))
+    return out
+
+
+def structured(values: Mapping[str, Any] | None = None, schema: type = ExperimentConfig
+               ) -> DictConfig:  # fmt: skip
+    """The typed, writable schema of a config with the head of ``values['head']['type']``
+    (merged with ``values`` when given): what a resolved config dict is merged into again."""
+    cfg = OmegaConf.structured(schema)
+    if values is None:
+        return cfg
+    src = [("config", OmegaConf.create(dict(values)))]
+    if "head" in cfg:
+        src = _type_head(cfg, src)
+    return _merge(cfg, src[0][1], "config")
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -730,17 +826,21 @@ def load_config(
     Raises:
         ConfigError: missing or unreadable file, invalid YAML, unknown key, wrong type.
     """
-    cfg = OmegaConf.structured(schema)
+    sources: list[tuple[str, DictConfig]] = []
     if path is not None:
-        for p, loaded in _load_chain(Path(path)):
-            cfg = _merge(cfg, loaded, str(p))
+        sources += [(str(p), loaded) for p, loaded in _load_chain(Path(path))]
     if overrides:
-        cfg = _merge(cfg, parse_overrides(overrides), "command-line override")
+        sources.append(("command-line override", parse_overrides(overrides)))
     if values:  # command-line flags: thin aliases of dotted keys, merged as values (paths...)
         flags = OmegaConf.create({})
         for key, value in values.items():
             OmegaConf.update(flags, key, value, merge=True)
-        cfg = _merge(cfg, flags, "command-line flag")
+        sources.append(("command-line flag", flags))
+    cfg = OmegaConf.structured(schema)
+    if "head" in cfg:
+        sources = _type_head(cfg, sources)
+    for source, loaded in sources:
+        cfg = _merge(cfg, loaded, source)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
@@ -806,6 +906,11 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     precision it trains in (a run saved with ``no`` resumes under ``auto`` without a
     launcher, and the reverse)."""
     out = dict(config)
+    head = config.get("head")
+    if isinstance(head, dict) and set(head) & LEGACY_HEAD_KEYS and head.get("type") in HEADS:
+        # a run saved with the flat head section of before compares by its type's own keys
+        keep = set(HEADS.fields(head["type"]))
+        out["head"] = {k: v for k, v in head.items() if k in keep}
     for name, section in config.items():
         if isinstance(section, dict) and isinstance(section.get("train"), dict) \
                 and "mixed_precision" in section["train"]:  # fmt: skip

@@ -56,7 +56,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
-from clerf.config import OUT_OF_RANGE_POLICIES, check_finetune, check_head
+from clerf.config import OUT_OF_RANGE_POLICIES, check_finetune, head_config
 from clerf.devices import is_main_process
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic
@@ -379,7 +379,7 @@ class FinetuneTask(Task):
     def _validate(cfg: DictConfig) -> None:
         # the config's own checks (load_config ran them; configs built in code get them here)
         check_finetune(cfg.finetune)
-        check_head(cfg.head)
+        head_config(cfg.head)
 
     def _encoder_spec(self) -> EncoderSpec:
         src = self.cfg.finetune.encoder or ""

@@ -30,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from clerf.config import (
     DISPLAY_KEYS,
-    ExperimentConfig,
     comparable,
     first_difference,
     save_resolved,
+    structured,
     to_dict,
 )
 from clerf.devices import is_main_process
@@ -46,7 +46,7 @@ STAGES = ("generate", "pretrain", "finetune", "evaluate")
 
 def _derive(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
     """A new read-only config: ``cfg`` with dotted-key ``updates`` applied."""
-    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), to_dict(cfg))
+    merged = structured(to_dict(cfg))
     for key, value in updates.items():
         OmegaConf.update(merged, key, value, merge=False)
     OmegaConf.set_readonly(merged, True)

@@ -17,7 +17,7 @@ def tiny_model(seed: int = 0, head: str = "rotation6d", input_size: int = 32):
     torch.manual_seed(seed)
     enc = Encoder(EncoderSpec(arch="resnet18", embedding_dim=8, projection_hidden=0,
                               input_size=input_size))
-    model = HeadPoseModel(enc, {"type": head, "hidden": 16})
+    model = HeadPoseModel(enc, {"type": head} if head == "binned" else {"type": head, "hidden": 16})
     return model.eval()
 
 

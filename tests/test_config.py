@@ -174,7 +174,8 @@ def test_flags_are_thin_aliases_of_dotted_keys(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("head.type=cube", "head.type: expected one of binned"),
     ("head.bins.width=0", "head.bins: BinSpec needs width > 0"),
-    ("head.loss=l1", "head.loss: expected one of geodesic, chordal"),
+    ("head.loss=l1", r"key 'head.loss'.*the 'binned' head's keys: type, bins, alpha, decode"),
+    ("head.decode=median", r"key 'head.decode': Invalid value 'median', expected one of"),
     ("finetune.out_of_range=ignore", "finetune.out_of_range: expected one of drop"),
     ("finetune.val_fraction=1.5", "finetune.val_fraction: expected a number in"),
     ("prepare.resize=squash", "prepare.resize: expected one of center"),
@@ -185,3 +186,6 @@ def test_head_finetune_and_prepare_sections_are_checked_when_loaded(override, me
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+    if override == "head.loss=l1":  # the 6D head has a loss, and checks it
+        with pytest.raises(ConfigError, match=r"key 'head.loss': Invalid value 'l1'"):
+            load_config(None, ["head.type=rotation6d", override])

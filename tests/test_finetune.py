@@ -60,7 +60,10 @@ def _cfg(*overrides: str, size: int = 32):
     base = [f"encoder.input_size={size}", "finetune.train.progress=false",
             "finetune.train.log_every=1", "finetune.train.batch_size=16",
             "finetune.train.lr=2e-3", "finetune.train.weight_decay=1e-4",
-            "finetune.head_lr_scale=1", "head.hidden=64"]  # fmt: skip
+            "finetune.head_lr_scale=1"]  # fmt: skip
+    kinds = [o.split("=", 1)[1] for o in overrides if o.startswith("head.type=")]
+    if (kinds[-1] if kinds else "binned") != "binned":  # each head takes only its own keys
+        base.append("head.hidden=64")
     return load_config(None, base + list(overrides))
 
 
@@ -356,7 +359,8 @@ def _cli_args(store: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", str(REPO / "configs" / "finetune_small.yaml"), "--out", str(out),
             f"finetune.train_store={store}", "finetune.encoder=", "encoder.input_size=16",
             "finetune.train.epochs=1", "finetune.train.batch_size=16", "finetune.probe_epochs=0",
-            "finetune.train.progress=false", "head.hidden=16", *extra]  # fmt: skip
+            "finetune.train.progress=false",
+            *([] if "head.type=binned" in extra else ["head.hidden=16"]), *extra]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -494,7 +498,8 @@ def test_host_syncs_per_training_step_are_bounded(blob_store, tmp_path, head, li
     from clerf.devices import SyncsPerCall
     from clerf.training import Trainer
 
-    cfg = _cfg(f"finetune.train_store={blob_store}", f"head.type={head}", "head.sphere_points=64",
+    cfg = _cfg(f"finetune.train_store={blob_store}", f"head.type={head}",
+               *(["head.sphere_points=64"] if head == "sphere" else []),
                "finetune.train.log_every=1000", "finetune.train.epochs=1",
                "finetune.train.checkpoint_epochs=0", "finetune.train.tensorboard=false",
                size=16)  # fmt: skip

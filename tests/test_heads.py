@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation as SciRot
 
+from clerf.errors import ConfigError
 from clerf.geometry import (
     FULL_RANGE_BINS,
     HOPENET_BINS,
@@ -219,10 +220,12 @@ def test_build_head_from_config_mapping():
     h = build_head({"type": "both", "bins": {"start": -180, "width": 3, "num_bins": 120},
                     "predict_from": "binned"}, 8)
     assert isinstance(h, CombinedHead) and h.binned.circular and h.predict_from == "binned"
-    with pytest.raises(ValueError, match="head.type"):
+    with pytest.raises(ConfigError, match="head.type"):
         build_head({"type": "quaternion"}, 8)
-    with pytest.raises(ValueError, match="decode"):
+    with pytest.raises(ConfigError, match="decode"):
         build_head({"type": "binned", "decode": "median"}, 8)
+    with pytest.raises(ConfigError, match=r"head.hidden: not a key of the head 'binned'"):
+        build_head({"type": "binned", "hidden": 8}, 8)
 
 
 def test_heads_reject_bad_shapes():
@@ -298,6 +301,16 @@ def test_heads_return_float32_under_bf16_autocast():
         assert all(v.dtype == torch.float32 for v in out.values()), cfg
 
 
+def _small(head_type: str, hidden: int) -> list[str]:
+    """Overrides of a small head of each type (each type takes only its own keys)."""
+    out = [f"head.type={head_type}"]
+    if head_type != "binned":
+        out.append(f"head.hidden={hidden}")
+    if head_type == "sphere":
+        out.append("head.sphere_points=64")
+    return out
+
+
 @pytest.mark.parametrize("head_type", ["binned", "rotation6d", "both", "sphere"])
 def test_loss_keys_are_exactly_the_parts_of_every_step(head_type):
     """The training logs reduce head.loss_keys over processes: it must be what loss returns."""
@@ -305,7 +318,7 @@ def test_loss_keys_are_exactly_the_parts_of_every_step(head_type):
     from clerf.geometry import random_rotation, rotation_from_euler
     from clerf.models.heads import build_head
 
-    cfg = load_config(None, [f"head.type={head_type}", "head.hidden=16", "head.sphere_points=64"])
+    cfg = load_config(None, _small(head_type, 16))
     head = build_head(cfg.head, 8)
     R = rotation_from_euler(torch.tensor([10.0, 0.0]), torch.tensor([-20.0, 30.0]),
                             torch.tensor([5.0, -15.0]))
@@ -322,7 +335,7 @@ def test_heads_run_their_layers_in_float32_under_bf16_autocast(head_type):
     from clerf.config import load_config
     from clerf.models.heads import build_head
 
-    cfg = load_config(None, [f"head.type={head_type}", "head.hidden=32", "head.sphere_points=64"])
+    cfg = load_config(None, _small(head_type, 32))
     torch.manual_seed(0)
     head = build_head(cfg.head, 64)
     feats = torch.randn(8, 64)

@@ -167,14 +167,17 @@ def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
 
 
 def test_head_config_dataclass_and_dictconfig_are_accepted():
-    from clerf.config import HeadConfig, load_config
+    from dataclasses import asdict
+
+    from clerf.config import load_config
+    from clerf.models.heads import BinnedHeadConfig, CombinedHeadConfig
 
     m = _model({"type": "binned"})
-    a = HeadPoseModel(Encoder(EncoderSpec(input_size=32)), HeadConfig(type="both", hidden=8))
+    a = HeadPoseModel(Encoder(EncoderSpec(input_size=32)), CombinedHeadConfig(hidden=8))
     b = HeadPoseModel(Encoder(EncoderSpec(input_size=32)),
                       load_config(None, ["head.type=both", "head.hidden=8"]).head)
     assert a.head_config == b.head_config and a.head_config["bins"]["num_bins"] == 66
-    assert isinstance(a.head, CombinedHead) and m.head_config == {"type": "binned"}
+    assert isinstance(a.head, CombinedHead) and m.head_config == asdict(BinnedHeadConfig())
 
 
 def test_torch_hub_head_pose_model_is_the_saved_model(tmp_path):

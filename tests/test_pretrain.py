@@ -145,7 +145,7 @@ def test_configs_pretrain_small_is_valid():
         (["pretrain.loss.eps_deg=50"], 2, "eps_deg <= delta_deg"),
         (["pretrain.train.batch_size=64"], 1, "fewer than one batch"),
         (["pretrain.bogus=1"], 2, "bogus"),
-        (["encoder.arch=vgg11"], 2, "encoder.arch"),
+        (["encoder.arch=vgg_nope"], 2, "encoder.arch"),
     ],
 )
 def test_cli_errors_are_one_line(stores, tmp_path, capsys, extra, code, message):

@@ -60,7 +60,16 @@ class PoseExportModule(nn.Module):
 
     def __init__(self, model: PoseModel) -> None:
         super().__init__()
-        self.net = model.export_module()
+        from clerf.models.backbones import deploy_copy
+
+        original = model.export_module()
+        # re-parameterisable blocks (RepVGG, MobileOne) fused into plain convolutions, as
+        # 6DRepNet deploys them; other models are copied unchanged
+        self.net = deploy_copy(original).eval()
+        self.reparameterized = any(a.shape != b.shape for a, b in zip(
+            original.state_dict().values(), self.net.state_dict().values(), strict=False)) or \
+            len(original.state_dict()) != len(self.net.state_dict())  # fmt: skip
+        self._original = [original]  # not a submodule: not exported, not in the state dict
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         R = self.net(images)
@@ -224,6 +233,14 @@ def export_onnx(
         if used is None:
             raise ClerfError("ONNX export failed (" + "; ".join(errors) + ")")
         check = check_onnx(tmp, module, s, atol=atol, euler_atol_deg=euler_atol_deg)
+        if module.reparameterized:  # the fused graph computes what the trained one does
+            with torch.no_grad():
+                before = module._original[0].eval()(example)
+                diff = float((module.net(example) - before).abs().max())
+            check = {**check, "reparameterized": True, "reparam_max_abs_diff": diff}
+            if not diff <= atol:
+                raise ExportCheckError(f"re-parameterising the backbone changed the rotations by "
+                                       f"up to {diff:.3g} (> {atol})")  # fmt: skip
         meta = {
             "clerf.input_size": str(s),
             "clerf.input_layout": "NCHW float32, RGB",

@@ -1,5 +1,6 @@
-"""The pose encoder: a torchvision ResNet backbone and a projection head to an L2-normalised
-embedding, with its preprocessing (normalisation) inside, saved and loaded strictly.
+"""The pose encoder: a backbone (:mod:`clerf.models.backbones`: torchvision ResNets, timm) and a
+projection head to an L2-normalised embedding, with its preprocessing (normalisation) inside,
+saved and loaded strictly.
 
 Input: images ``(B, 3, H, W)``, RGB, float in ``[0, 1]`` (or uint8 in ``[0, 255]``, converted),
 normally ``H = W = input_size``; the normalisation ``(x - mean) / std`` (and the optional
@@ -8,14 +9,15 @@ in-plane rotation leaves) happens inside :meth:`Encoder.forward`, so a saved enc
 everything needed to use it.
 
 * :meth:`Encoder.features`: backbone features before the projection, ``(B, F)`` (F = 512 for
-  resnet18/34, 2048 for resnet50); pose heads (fine-tuning) sit on these.
+  resnet18/34, 2048 for resnet50; timm models: their pooled width); pose heads (fine-tuning)
+  sit on these.
 * :meth:`Encoder.forward`: the embedding, ``(B, D)``, unit L2 norm; the contrastive loss uses it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clerf.config import EncoderConfig
+from clerf.config import EncoderSpec
 from clerf.errors import ConfigError, DataError
+from clerf.models.backbones import build_backbone
 from clerf.models.io import (
     WEIGHTS_NAME,
     load_state_strict,
@@ -34,91 +37,11 @@ from clerf.models.io import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "ENCODER_KIND", "EncoderSpec", "Encoder", "build_encoder", "load_encoder",
+    "ENCODER_KIND", "EncoderSpec", "Encoder", "build_encoder", "load_encoder",
     "resolve_encoder_dir",
 ]  # fmt: skip
 
-#: supported backbones and their feature width
-ARCHITECTURES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 ENCODER_KIND = "clerf.encoder"
-
-
-#: the defaults of the ``encoder`` config section: the one source of the spec's defaults
-_CONFIG = EncoderConfig()
-
-
-@dataclass
-class EncoderSpec:
-    """Everything that rebuilds an :class:`Encoder`: ``clerf.config.EncoderConfig`` without the
-    weights to start from, with the same defaults."""
-
-    arch: str = _CONFIG.arch
-    embedding_dim: int = _CONFIG.embedding_dim
-    projection_hidden: int = _CONFIG.projection_hidden
-    input_size: int = _CONFIG.input_size
-    mean: list[float] = field(default_factory=lambda: list(_CONFIG.mean))
-    std: list[float] = field(default_factory=lambda: list(_CONFIG.std))
-    #: radius (fraction of the image size) of the centred disk kept by :meth:`Encoder.normalize`;
-    #: 0 = no mask
-    circle_mask: float = _CONFIG.circle_mask
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"encoder.arch: expected one of {', '.join(ARCHITECTURES)}, got '{self.arch}'"
-            )
-        if self.embedding_dim < 1:
-            raise ConfigError(f"encoder.embedding_dim: expected >= 1, got {self.embedding_dim}")
-        if self.projection_hidden < 0:
-            raise ConfigError(
-                f"encoder.projection_hidden: expected >= 0, got {self.projection_hidden}"
-            )
-        if self.input_size < 16:
-            raise ConfigError(f"encoder.input_size: expected >= 16 pixels, got {self.input_size}")
-        for name in ("mean", "std"):
-            v = [float(x) for x in getattr(self, name)]
-            if len(v) != 3:
-                raise ConfigError(f"encoder.{name}: expected 3 numbers (RGB), got {v}")
-            setattr(self, name, v)
-        self.circle_mask = float(self.circle_mask)
-        if not (self.circle_mask == 0.0 or 0.25 <= self.circle_mask <= 0.75):
-            raise ConfigError(
-                f"encoder.circle_mask: expected 0 (off) or a radius in [0.25, 0.75] of the image "
-                f"size, got {self.circle_mask}"
-            )
-        if min(self.std) <= 0:
-            raise ConfigError(f"encoder.std: expected positive numbers, got {self.std}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> EncoderSpec:
-        """From a config section (``cfg.encoder``) or a saved ``config.json`` dict."""
-        keys = ("arch", "embedding_dim", "projection_hidden", "input_size", "mean", "std",
-                "circle_mask")
-        return cls(**{k: (list(cfg[k]) if k in ("mean", "std") else cfg[k])
-                      for k in keys if k in cfg})  # fmt: skip
-
-
-def _build_backbone(arch: str, weights: str | None) -> nn.Module:
-    from torchvision.models import get_model, get_model_weights
-
-    if weights is not None:
-        enum = get_model_weights(arch)
-        if weights not in enum.__members__:
-            raise ConfigError(
-                f"encoder.weights: '{weights}' is not a torchvision weight name for {arch} "
-                f"(known: {', '.join(enum.__members__)}; or null for random initialisation)"
-            )
-        try:
-            net = get_model(arch, weights=enum[weights])
-        except (OSError, RuntimeError) as exc:  # URLError is an OSError
-            raise DataError(
-                f"encoder.weights: could not load torchvision weights {arch}.{weights} "
-                f"(needs internet or a filled torch hub cache): {' '.join(str(exc).split())}"
-            ) from exc
-    else:
-        net = get_model(arch, weights=None)
-    net.fc = nn.Identity()  # the classifier is replaced by our projection head
-    return net
 
 
 class Encoder(nn.Module):
@@ -126,8 +49,9 @@ class Encoder(nn.Module):
 
     Args:
         spec: architecture and preprocessing (:class:`EncoderSpec`).
-        weights: torchvision weight name for the backbone (``"IMAGENET1K_V1"``; downloads) or
-            ``None`` for random initialisation (the default).
+        weights: what the backbone starts from (``encoder.weights``: a torchvision weight name,
+            ``"pretrained"`` for timm, a saved state dict's path; :mod:`clerf.models.backbones`)
+            or ``None`` for random initialisation (the default).
 
     Example:
         >>> enc = Encoder(EncoderSpec(arch="resnet18", embedding_dim=32, input_size=32))
@@ -138,11 +62,12 @@ class Encoder(nn.Module):
 
     def __init__(self, spec: EncoderSpec | None = None, weights: str | None = None) -> None:
         super().__init__()
-        self.spec = spec or EncoderSpec()
+        # the spec alone (an ``encoder`` section also names the weights it starts from)
+        self.spec = EncoderSpec.from_config(asdict(spec)) if spec is not None else EncoderSpec()
         self.weights_source = weights
         self.training_summary: dict[str, Any] = {}
-        self.backbone = _build_backbone(self.spec.arch, weights)
-        feat = ARCHITECTURES[self.spec.arch]
+        self.backbone, feat = build_backbone(self.spec.arch, weights)
+        self._feature_dim = int(feat)
         hidden = self.spec.projection_hidden
         if hidden:
             self.projection = nn.Sequential(
@@ -158,7 +83,7 @@ class Encoder(nn.Module):
     @property
     def feature_dim(self) -> int:
         """Width ``F`` of :meth:`features`."""
-        return ARCHITECTURES[self.spec.arch]
+        return self._feature_dim
 
     @property
     def embedding_dim(self) -> int:

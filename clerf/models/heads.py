@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clerf.config import DECODE_MODES, HEAD_TYPES, ROTATION_LOSSES
+from clerf.config import HEADS, HeadBinsConfig, HeadConfig, head_config
+from clerf.errors import ConfigError
 from clerf.geometry import (
     HOPENET_BINS,
     BinSpec,
@@ -45,12 +47,16 @@ from clerf.geometry import (
     rotation_from_euler,
     wrap_degrees,
 )
+from clerf.registry import need
 
 __all__ = [
     "ANGLE_NAMES",
     "DECODE_MODES",
-    "HEAD_TYPES",
     "PoseHead",
+    "BinnedHeadConfig",
+    "Rotation6DHeadConfig",
+    "CombinedHeadConfig",
+    "SphereHeadConfig",
     "BinnedEulerHead",
     "Rotation6DHead",
     "CombinedHead",
@@ -67,8 +73,12 @@ __all__ = [
 
 #: order of the angle axis in binned logits and Euler targets
 ANGLE_NAMES: tuple[str, str, str] = ("pitch", "yaw", "roll")
-#: how a binned head turns bin probabilities into an angle
-#: head types accepted by :func:`build_head` (the ``head.type`` config key)
+#: how a binned head turns bin probabilities into an angle (``auto``: circular for 360 deg bins)
+Decode = Literal["auto", "expectation", "circular"]
+DECODE_MODES: tuple[str, ...] = get_args(Decode)
+#: the 6D head's loss
+RotationLoss = Literal["geodesic", "chordal"]
+ROTATION_LOSSES: tuple[str, ...] = get_args(RotationLoss)
 
 
 # --------------------------------------------------------------------------- functional parts
@@ -192,6 +202,119 @@ def _float32(module: nn.Module, features: Tensor) -> Tensor:
     return module(features)
 
 
+# --------------------------------------------------------------------------- head configs
+
+
+def _checked(cfg: HeadConfig) -> None:
+    """A head built in Python checks its arguments with its config's own checks (one set of
+    checks for both routes), as a ``ValueError``."""
+    try:
+        cfg.validate("head")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _bin_spec(bins: Any) -> BinSpec:
+    return BinSpec(start=float(bins.start), width=float(bins.width), num_bins=int(bins.num_bins))
+
+
+@HEADS.register("binned")
+@dataclass
+class BinnedHeadConfig(HeadConfig):
+    """``head.type: binned``: HopeNet's multi-loss Euler bins (:class:`BinnedEulerHead`)."""
+
+    type: str = "binned"
+    bins: HeadBinsConfig = field(default_factory=HeadBinsConfig)
+    #: weight of the MSE (deg^2) of the softmax expectation next to the cross-entropy (HopeNet's
+    #: best AFLW2000 result used 2; its best BIWI result used 1)
+    alpha: float = 2.0
+    #: ``auto`` (circular mean when the bins span 360 deg), ``expectation``, ``circular``
+    decode: Decode = "auto"
+
+    def validate(self, path: str = "head") -> None:
+        super().validate(path)
+        ok = math.isfinite(float(self.alpha)) and self.alpha >= 0
+        need(ok, f"{path}.alpha", "a finite number >= 0", self.alpha)
+
+    def build(self, in_features: int) -> BinnedEulerHead:
+        return BinnedEulerHead(in_features, _bin_spec(self.bins), self.alpha, self.decode)
+
+
+@HEADS.register("rotation6d")
+@dataclass
+class Rotation6DHeadConfig(HeadConfig):
+    """``head.type: rotation6d``: 6D + Gram-Schmidt (:class:`Rotation6DHead`)."""
+
+    type: str = "rotation6d"
+    #: hidden width of the MLP; 0 = a single linear layer (6DRepNet's head)
+    hidden: int = 256
+    #: ``geodesic`` (6DRepNet: the angle, radians) or ``chordal`` (squared Frobenius distance of
+    #: the matrices; smooth at 180 deg, where full-range training starts)
+    loss: RotationLoss = "geodesic"
+
+    def validate(self, path: str = "head") -> None:
+        super().validate(path)
+        need(self.hidden >= 0, f"{path}.hidden", "an integer >= 0", self.hidden)
+
+    def build(self, in_features: int) -> Rotation6DHead:
+        return Rotation6DHead(in_features, self.hidden, self.loss)
+
+
+@HEADS.register("both")
+@dataclass
+class CombinedHeadConfig(BinnedHeadConfig):
+    """``head.type: both``: a binned and a 6D head on the same features (:class:`CombinedHead`);
+    the keys of both, and the weights of their losses."""
+
+    type: str = "both"
+    hidden: int = Rotation6DHeadConfig.hidden
+    loss: RotationLoss = Rotation6DHeadConfig.loss
+    binned_weight: float = 1.0
+    rotation6d_weight: float = 1.0
+    #: which head gives the predicted rotation: ``auto`` (= rotation6d), ``rotation6d``, ``binned``
+    predict_from: Literal["auto", "rotation6d", "binned"] = "auto"
+
+    def validate(self, path: str = "head") -> None:
+        super().validate(path)
+        need(self.hidden >= 0, f"{path}.hidden", "an integer >= 0", self.hidden)
+        for key in ("binned_weight", "rotation6d_weight"):
+            need(getattr(self, key) >= 0, f"{path}.{key}", "a number >= 0", getattr(self, key))
+
+    def build(self, in_features: int) -> CombinedHead:
+        return CombinedHead(
+            BinnedHeadConfig(bins=self.bins, alpha=self.alpha, decode=self.decode)
+            .build(in_features),
+            Rotation6DHeadConfig(hidden=self.hidden, loss=self.loss).build(in_features),
+            self.binned_weight, self.rotation6d_weight,
+            "rotation6d" if self.predict_from == "auto" else self.predict_from,
+        )  # fmt: skip
+
+
+@HEADS.register("sphere")
+@dataclass
+class SphereHeadConfig(HeadConfig):
+    """``head.type: sphere``: up and nose directions over a grid on the sphere
+    (:class:`SphereGridHead`)."""
+
+    type: str = "sphere"
+    hidden: int = 256
+    #: grid directions per axis and the soft-target kernel width (deg)
+    sphere_points: int = 512
+    sphere_sigma_deg: float = 8.0
+
+    def validate(self, path: str = "head") -> None:
+        super().validate(path)
+        need(self.hidden >= 0, f"{path}.hidden", "an integer >= 0", self.hidden)
+        need(self.sphere_points >= 12, f"{path}.sphere_points", "an integer >= 12",
+             self.sphere_points)  # fmt: skip
+        need(0.5 <= self.sphere_sigma_deg <= 90, f"{path}.sphere_sigma_deg",
+             "a number in [0.5, 90]", self.sphere_sigma_deg)  # fmt: skip
+
+    def build(self, in_features: int) -> SphereGridHead:
+        return SphereGridHead(in_features, self.hidden, self.sphere_points,
+                              self.sphere_sigma_deg)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- heads
 
 
@@ -271,14 +394,11 @@ class BinnedEulerHead(PoseHead):
         self,
         in_features: int,
         spec: BinSpec = HOPENET_BINS,
-        alpha: float = 2.0,
-        decode: str = "auto",
+        alpha: float = BinnedHeadConfig.alpha,
+        decode: str = BinnedHeadConfig.decode,
     ) -> None:
         super().__init__()
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        _checked(BinnedHeadConfig(alpha=alpha, decode=decode))
         self.in_features = int(in_features)
         self.spec = spec
         self.alpha = float(alpha)
@@ -337,12 +457,10 @@ class Rotation6DHead(PoseHead):
     ``Linear -> ReLU -> Linear`` (CLERF's MLP).
     """
 
-    def __init__(self, in_features: int, hidden: int = 256, loss: str = "geodesic") -> None:
+    def __init__(self, in_features: int, hidden: int = Rotation6DHeadConfig.hidden,
+                 loss: str = Rotation6DHeadConfig.loss) -> None:  # fmt: skip
         super().__init__()
-        if hidden < 0:
-            raise ValueError(f"hidden must be >= 0, got {hidden}")
-        if loss not in ROTATION_LOSSES:
-            raise ValueError(f"head.loss must be one of {ROTATION_LOSSES}, got {loss!r}")
+        _checked(Rotation6DHeadConfig(hidden=hidden, loss=loss))
         self.loss_name = loss
         self.in_features = int(in_features)
         self.hidden = int(hidden)
@@ -400,8 +518,8 @@ class CombinedHead(PoseHead):
         self,
         binned: BinnedEulerHead,
         rotation6d: Rotation6DHead,
-        binned_weight: float = 1.0,
-        rotation6d_weight: float = 1.0,
+        binned_weight: float = CombinedHeadConfig.binned_weight,
+        rotation6d_weight: float = CombinedHeadConfig.rotation6d_weight,
         predict_from: str = "rotation6d",
     ) -> None:
         super().__init__()
@@ -463,15 +581,11 @@ class SphereGridHead(PoseHead):
     image gives two peaks instead of their average, which keeps full-range training moving.
     """
 
-    def __init__(self, in_features: int, hidden: int = 256, points: int = 512,
-                 sigma_deg: float = 8.0) -> None:  # fmt: skip
+    def __init__(self, in_features: int, hidden: int = SphereHeadConfig.hidden,
+                 points: int = SphereHeadConfig.sphere_points,
+                 sigma_deg: float = SphereHeadConfig.sphere_sigma_deg) -> None:  # fmt: skip
         super().__init__()
-        if hidden < 0:
-            raise ValueError(f"hidden must be >= 0, got {hidden}")
-        if points < 12:
-            raise ValueError(f"head.sphere_points must be >= 12, got {points}")
-        if not 0.5 <= sigma_deg <= 90.0:
-            raise ValueError(f"head.sphere_sigma_deg must be in [0.5, 90], got {sigma_deg}")
+        _checked(SphereHeadConfig(hidden=hidden, sphere_points=points, sphere_sigma_deg=sigma_deg))
         self.in_features, self.hidden = int(in_features), int(hidden)
         self.points, self.sigma_deg = int(points), float(sigma_deg)
         # decode window: 3 kernel widths, and at least 2.5 grid spacings
@@ -521,51 +635,10 @@ class SphereGridHead(PoseHead):
 
 
 def build_head(cfg: Any, in_features: int) -> PoseHead:
-    """Build the head described by a ``head`` config section (:class:`clerf.config.HeadConfig`
-    or any mapping/object with the same keys) on ``in_features`` encoder features.
+    """The head a ``head`` section describes (a registered head config, a DictConfig or a plain
+    mapping with its keys; :data:`clerf.config.HEADS`) on ``in_features`` encoder features.
 
     Raises:
-        ValueError: unknown type or decode mode, bins that are not a whole number of bins, ...
+        ConfigError: unknown type, unknown key or bad value (naming ``head.<key>``).
     """
-
-    def get(key: str, default: Any = None) -> Any:
-        if isinstance(cfg, dict):
-            return cfg.get(key, default)
-        return getattr(cfg, key, default)
-
-    kind = get("type", "binned")
-    if kind not in HEAD_TYPES:
-        raise ValueError(f"head.type must be one of {HEAD_TYPES}, got {kind!r}")
-    bins = get("bins")
-    if bins is None:
-        spec = HOPENET_BINS
-    else:
-        b = bins if isinstance(bins, dict) else {k: getattr(bins, k) for k in
-                                                 ("start", "width", "num_bins")}
-        spec = BinSpec(start=float(b["start"]), width=float(b["width"]),
-                       num_bins=int(b["num_bins"]))
-    alpha = float(get("alpha", 2.0))
-    if not math.isfinite(alpha):
-        raise ValueError(f"head.alpha must be finite, got {alpha}")
-
-    def binned() -> BinnedEulerHead:
-        return BinnedEulerHead(in_features, spec, alpha, get("decode", "auto"))
-
-    def sixd() -> Rotation6DHead:
-        return Rotation6DHead(in_features, int(get("hidden", 256)), str(get("loss", "geodesic")))
-
-    if kind == "binned":
-        return binned()
-    if kind == "rotation6d":
-        return sixd()
-    if kind == "sphere":
-        return SphereGridHead(in_features, int(get("hidden", 256)),
-                              int(get("sphere_points", 512)),
-                              float(get("sphere_sigma_deg", 8.0)))  # fmt: skip
-    predict_from = get("predict_from", "auto")
-    return CombinedHead(
-        binned(), sixd(),
-        binned_weight=float(get("binned_weight", 1.0)),
-        rotation6d_weight=float(get("rotation6d_weight", 1.0)),
-        predict_from="rotation6d" if predict_from == "auto" else predict_from,
-    )
+    return head_config(cfg).build(in_features)

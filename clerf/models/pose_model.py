@@ -29,10 +29,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from clerf.config import head_config
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import EulerAngles, euler_from_rotation
 from clerf.models.encoder import Encoder, EncoderSpec
-from clerf.models.heads import HEAD_TYPES, PoseHead, build_head
+from clerf.models.heads import PoseHead
 from clerf.models.io import (
     WEIGHTS_NAME,
     load_state_strict,
@@ -41,13 +42,10 @@ from clerf.models.io import (
     save_model_dir,
 )
 
-__all__ = ["HeadPoseModel", "PosePrediction", "MODEL_KIND", "HEAD_KEYS", "load_head_pose_model",
+__all__ = ["HeadPoseModel", "PosePrediction", "MODEL_KIND", "load_head_pose_model",
            "head_pose_model_dir"]
 
 MODEL_KIND = "clerf.head_pose_model"
-#: keys of the ``head`` config section that define a head (saved with the model)
-HEAD_KEYS = ("type", "bins", "alpha", "decode", "hidden", "loss", "binned_weight",
-             "rotation6d_weight", "predict_from", "sphere_points", "sphere_sigma_deg")
 
 
 class PosePrediction(NamedTuple):
@@ -86,22 +84,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def head_config_dict(head_cfg: Any) -> dict[str, Any]:
-    """The head-defining keys of a ``head`` section (dict, dataclass or DictConfig)."""
-    if head_cfg is None:
-        return {}
-    d = _plain(head_cfg) if isinstance(head_cfg, Mapping) else _plain(asdict(head_cfg))
-    return {k: d[k] for k in HEAD_KEYS if k in d}
-
-
 class HeadPoseModel(nn.Module):
     """Encoder backbone + pose head; see the module docstring.
 
     Args:
         encoder: the :class:`~clerf.models.encoder.Encoder` (fresh or pretrained); its
             projection head is replaced by ``nn.Identity`` (unused by pose heads).
-        head: a ``head`` config section (:class:`clerf.config.HeadConfig`, a dict or a
-            DictConfig); missing keys take the defaults of :func:`clerf.models.heads.build_head`.
+        head: a ``head`` config section (a registered head config such as
+            :class:`clerf.models.heads.BinnedHeadConfig`, a dict or a DictConfig; missing keys
+            take that head's defaults), or None for the default head.
+        legacy: also accept the flat ``head`` sections of models saved by earlier clerf versions
+            (keys the head type does not have are dropped; :meth:`from_pretrained` sets it).
 
     Example:
         >>> from clerf.models.encoder import Encoder, EncoderSpec
@@ -111,17 +104,16 @@ class HeadPoseModel(nn.Module):
         ((2, 3, 3), (2,))
     """
 
-    def __init__(self, encoder: Encoder, head: Any = None) -> None:
+    def __init__(self, encoder: Encoder, head: Any = None, legacy: bool = False) -> None:
         super().__init__()
-        self.head_config = head_config_dict(head)
-        kind = self.head_config.get("type", "binned")
-        if kind not in HEAD_TYPES:
-            raise ConfigError(f"head.type: expected one of {', '.join(HEAD_TYPES)}, got '{kind}'")
+        cfg = head_config(head, legacy=legacy)
+        #: the head's config as saved with the model (every key of its type)
+        self.head_config: dict[str, Any] = asdict(cfg)
         self.encoder = encoder
         # Only features() is used; an unused projection would also trip DDP (unused parameters).
         self.encoder.projection = nn.Identity()
         try:
-            self.head: PoseHead = build_head(self.head_config, encoder.feature_dim)
+            self.head: PoseHead = cfg.build(encoder.feature_dim)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self.training_summary: dict[str, Any] = {}
@@ -301,7 +293,7 @@ class HeadPoseModel(nn.Module):
         meta = read_model_config(p, MODEL_KIND)
         try:
             spec = EncoderSpec.from_config(meta["encoder"])
-            model = cls(Encoder(spec, weights=None), meta["head"])
+            model = cls(Encoder(spec, weights=None), meta["head"], legacy=True)
         except (KeyError, TypeError, ConfigError) as exc:
             raise DataError(f"{p / 'config.json'}: invalid model config ({exc})") from exc
         load_state_strict(model, load_weights_file(p / WEIGHTS_NAME), source=str(p / WEIGHTS_NAME))

@@ -32,6 +32,7 @@ from __future__ import annotations
 from triplets.store.entry import EntrySource, write_entry_file, write_virtual_entry
 from triplets.store.loader import (
     BlockBatchSampler,
+    DataSource,
     LabelledDataset,
     TripletDataset,
     make_loader,
@@ -51,6 +52,7 @@ from triplets.store.schema import (
 from triplets.store.writer import StoreWriter
 
 __all__ = [
+    "DataSource",
     "EntrySource",
     "write_virtual_entry",
     "SCHEMA_NAME",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -11,6 +12,32 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clerf.errors import DataError
 from triplets.store.reader import Store, open_store
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """What the training stages read from: a store, tensors in memory or a stream from the
+    generator (``clerf/finetune.py``, ``clerf/pretrain.py``, ``clerf/streaming.py``).
+
+    * ``len(source)``: the number of items: images for a labelled source, triplets for a triplet
+      source (a stream: the samples of one epoch).
+    * ``block_size``: how many consecutive items are cheap to read together; the
+      :class:`BlockBatchSampler` shuffles whole blocks of this many (then the items inside a
+      window of blocks), so one batch reads few HDF5 chunks. A store: the items per chunk (a
+      triplet store's chunk holds ``chunk`` images, ``chunk // 3`` triplets); in memory: 32, a
+      shuffle granularity only (nothing is read); a stream: 1 (batches are rendered whole).
+    * ``read_batch(indices)``: a dict of tensors with a leading axis of ``len(indices)``: at least
+      ``images`` (uint8), ``rotations`` (float32) and ``index`` (int64); stores and streams add
+      ``identities``. Labelled items are ``(B, 3, H, W)`` images and ``(B, 3, 3)`` rotations;
+      triplet items ``(B, 3, 3, H, W)`` and ``(B, 3, 3, 3)`` (anchor, positive, negative).
+    """
+
+    def __len__(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    def read_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]: ...
 
 
 class _StoreDataset(Dataset):
