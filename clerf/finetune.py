@@ -45,7 +45,6 @@ geodesic distance between held-out labels (the error of guessing another sample'
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,6 +68,7 @@ __all__ = [
     "run_finetune",
     "OUT_OF_RANGE_POLICIES",
     "InMemoryLabelled",
+    "crop_protocol",
     "evaluate_rotations",
 ]
 
@@ -102,6 +102,9 @@ class InMemoryLabelled:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return {"images": self.images[idx], "rotations": self.rotations[idx], "index": idx}
 
+    def describe(self) -> dict[str, Any]:
+        return {"source": "in-memory tensors"}
+
 
 class _Prefix:
     """The first ``n`` items of a labelled dataset (the rest is held out)."""
@@ -119,6 +122,9 @@ class _Prefix:
     def read_batch(self, indices) -> dict[str, Tensor]:
         return self.dataset.read_batch(indices)
 
+    def describe(self) -> dict[str, Any]:
+        return self.dataset.describe()
+
 
 def _open_labelled(path: str | None, key: str):
     from triplets.store import LabelledDataset
@@ -132,27 +138,28 @@ def _open_labelled(path: str | None, key: str):
     return LabelledDataset(p)
 
 
-def _store_info(dataset: Any) -> dict[str, Any]:
-    """What the model should remember about its training data (crop protocol, source)."""
-    if hasattr(dataset, "describe") and not hasattr(dataset, "store"):
-        return dataset.describe()  # a stream (clerf.streaming)
-    store = getattr(dataset, "store", None) or getattr(getattr(dataset, "dataset", None),
-                                                      "store", None)  # fmt: skip
-    if store is None:
-        return {"source": "in-memory tensors"}
-    info: dict[str, Any] = {"path": str(store.path), "kind": store.kind,
-                            "resolution": store.resolution, "num_images": store.num_images}
-    for key in ("stage", "dataset", "split", "crop_preset", "resize", "generator"):
-        if key in store.attrs:
-            v = store.attrs[key]
-            v = v.decode() if isinstance(v, bytes) else v
-            if isinstance(v, str) and v[:1] in "{[":
-                try:  # stores keep structured attributes as JSON text
-                    v = json.loads(v)
-                except ValueError:
-                    pass
-            info[key] = v if isinstance(v, (str, int, float, bool, dict, list)) else str(v)
-    return info
+def crop_protocol(data_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The crop protocol of the training images, for the saved model's preprocessing record.
+
+    ``data_info`` is the training source's ``describe()`` (``triplets.store.DataSource``): a
+    store of cropped photos names its ``crop_preset`` and ``resize`` (``clerf prepare`` writes
+    them), a rendered store or stream its ``generator`` (whole heads: preset ``none``). Returns
+    the :data:`clerf.models.pose_model.CROP_KEYS`; ``crop_preset`` is None when the source
+    names none (inference then uses its default crop and says so).
+    """
+    from clerf.data.crop import CROP_PRESETS, RESIZE_MODES
+
+    preset = data_info.get("crop_preset")
+    resize = data_info.get("resize")
+    resize = resize if resize in RESIZE_MODES else "center"
+    if preset in CROP_PRESETS:
+        return {"crop_preset": preset, "resize_mode": resize,
+                "crop_source": "training data (its crop_preset)"}
+    if preset is None and data_info.get("generator"):
+        return {"crop_preset": "none", "resize_mode": resize,
+                "crop_source": "training data (rendered images: whole heads, no crop)"}
+    why = "names no crop preset" if preset is None else f"names an unknown crop preset {preset!r}"
+    return {"crop_preset": None, "resize_mode": resize, "crop_source": f"training data ({why})"}
 
 
 # --------------------------------------------------------------------------- evaluation helpers
@@ -280,7 +287,7 @@ class FinetuneData:
             train_data = build_stream(cfg, "finetune")
         elif train_data is None:
             train_data = _open_labelled(fc.train_store, "finetune.train_store")
-        info = _store_info(train_data)
+        info = train_data.describe()
         cap = int(fc.val_max_images)
         # The per-epoch evaluation runs on the main process only, so only it reads or renders
         # the held-out set; every rank checks it (an error on one rank alone would hang the
@@ -560,6 +567,9 @@ class FinetuneTask(Task):
             "evaluation": summary["evaluation"],
             "seed": int(self.cfg.seed),
         }
+        # The crop protocol of the training *store or stream* (mixed-in generated images do not
+        # change how photos must be cut at inference).
+        model.crop = crop_protocol(self.data_info)
         model.save_pretrained(out / "model", training=training)
 
 

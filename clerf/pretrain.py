@@ -261,6 +261,9 @@ class InMemoryTriplets:
         return {"images": self.images[idx], "rotations": self.rotations[idx],
                 "identities": self.identities[idx], "index": idx}  # fmt: skip
 
+    def describe(self) -> dict[str, Any]:
+        return {"source": "in-memory tensors"}
+
 
 def run_pretrain(cfg: DictConfig, out: str | Path, train_data: Any = None,
                  val_data: Mapping[str, Tensor] | None = None) -> dict[str, Any]:  # fmt: skip

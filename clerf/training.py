@@ -9,10 +9,8 @@ A stage (``clerf.pretrain``, ``clerf.finetune``) describes *what* to train by im
   warm-up then a cosine / linear / constant schedule (per optimizer step);
 * full-state checkpoints (model, optimizer, scheduler, RNG of every process, loop position) under
   ``OUT/checkpoints/step_XXXXXXXX``, written to a temporary folder and renamed, so a killed run
-  never leaves a checkpoint that looks complete. They hold no pickle: the model is safetensors,
-  the loop position JSON, everything else plain tensors and numbers read back with
-  ``torch.load(weights_only=True)`` (accelerate's ``save_state``/``load_state`` unpickle its
-  ``.pkl`` files, so they are not used); a shared or downloaded checkpoint cannot run code;
+  never leaves a checkpoint that looks complete. They hold no pickle, so a shared or downloaded
+  checkpoint cannot run code; :mod:`clerf.checkpoint` holds the format, its writer and reader;
 * **automatic resume**: calling :func:`fit` again with the same ``OUT`` continues from the newest
   checkpoint (mid-epoch too: the batches already seen in that epoch are skipped);
 * a tqdm bar on the main process (loss, images/s, ETA), metrics as JSON lines in
@@ -51,7 +49,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
@@ -63,6 +60,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from clerf.checkpoint import (
+    LoopState,
+    checkpoint_step,
+    find_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from clerf.config import (
     check_train,
     comparable,
@@ -82,8 +86,6 @@ __all__ = [
     "fit",
     "build_optimizer",
     "lr_lambda",
-    "find_checkpoints",
-    "CHECKPOINT_DIR",
 ]
 
 log = logging.getLogger("clerf.training")
@@ -92,9 +94,6 @@ log = logging.getLogger("clerf.training")
 #: is a legitimate resume) and display-only settings (they change nothing that is computed)
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "progress")
 
-#: checkpoints live in ``OUT/checkpoints/step_XXXXXXXX``
-CHECKPOINT_DIR = "checkpoints"
-_PREFIX = "step_"
 
 
 # --------------------------------------------------------------------------- the plug-in interface
@@ -297,226 +296,6 @@ def lr_lambda(
         return min_ratio + (1.0 - min_ratio) * shape
 
     return f
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def find_checkpoints(out: str | Path) -> list[Path]:
-    """Complete checkpoints under ``out/checkpoints``, oldest first (temporary ones ignored)."""
-    d = Path(out) / CHECKPOINT_DIR
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit():
-            if (p / "loop_state.json").is_file():
-                found.append(p)
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
-
-
-class _LoopState:
-    """Loop position, saved as ``loop_state.json`` (written last: marks a complete checkpoint)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.epoch = 0
-        self.micro_step = 0  # micro-batches done in ``epoch``
-        self.images = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "step": self.step, "epoch": self.epoch,
-            "micro_step": self.micro_step, "images": self.images,
-        }  # fmt: skip
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.micro_step = int(state["micro_step"])
-        self.images = int(state.get("images", 0))
-
-
-#: ``format`` in ``loop_state.json`` of checkpoints that hold no pickle (:func:`_save_checkpoint`)
-CHECKPOINT_FORMAT = "clerf-checkpoint-2"
-_MODEL_FILE = "model.safetensors"
-_OPTIMIZER_FILE = "optimizer.bin"
-_SCHEDULER_FILE = "scheduler.bin"
-_SCALER_FILE = "scaler.bin"
-_LOOP_FILE = "loop_state.json"
-
-
-def _rng_file(rank: int) -> str:
-    return f"rng_state_{rank}.bin"
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's random states as plain tensors, ints and floats (nothing to unpickle)."""
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - restoring global state
-    state: dict[str, Any] = {
-        "python": [int(version), torch.tensor(internal, dtype=torch.int64),
-                   None if gauss is None else float(gauss)],
-        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
-                  int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }  # fmt: skip
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = state["python"]
-    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind,  # noqa: NPY002 - restoring global state
-                         keys.numpy().astype(np.uint32), int(pos), int(has_gauss),
-                         float(cached)))  # fmt: skip
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(accelerator, out: Path, state: _LoopState, keep: int, model, optimizer,
-                     scheduler) -> Path:  # fmt: skip
-    """Write the full training state to ``out/checkpoints/step_XXXXXXXX`` without pickles.
-
-    The model goes to safetensors; optimizer, scheduler and grad-scaler state dicts and each
-    process's RNG states (plain tensors, ints, floats, strings) to ``torch.save`` files that
-    :func:`_load_checkpoint` reads with ``weights_only=True``; the loop position to JSON. The
-    folder is written under a temporary name and renamed once complete.
-    """
-    from safetensors.torch import save_file
-
-    ckdir = out / CHECKPOINT_DIR
-    final = ckdir / f"{_PREFIX}{state.step:08d}"
-    tmp = ckdir / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / _rng_file(accelerator.process_index))
-    if accelerator.is_main_process:
-        raw = accelerator.unwrap_model(model)
-        weights = {k: v.detach().cpu().contiguous().clone() for k, v in raw.state_dict().items()}
-        save_file(weights, str(tmp / _MODEL_FILE), metadata={"format": CHECKPOINT_FORMAT})
-        torch.save(optimizer.state_dict(), tmp / _OPTIMIZER_FILE)
-        torch.save(scheduler.state_dict(), tmp / _SCHEDULER_FILE)
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / _SCALER_FILE)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # The JSON marker is written last, then the folder is renamed: a checkpoint folder
-        # without loop_state.json, or a .tmp one, is never resumed from.
-        loop = {"format": CHECKPOINT_FORMAT, **state.state_dict(),
-                "accelerator_step": int(accelerator.step)}  # fmt: skip
-        (tmp / _LOOP_FILE).write_text(json.dumps(loop))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in find_checkpoints(out)[: -max(int(keep), 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-class _CheckpointReader:
-    """Reads a checkpoint folder written by :func:`_save_checkpoint`; nothing is unpickled.
-
-    Every failure is one :class:`DataError` line naming the unreadable file (foreign, corrupt,
-    truncated, from an older clerf whose checkpoints were pickles) with what to do instead.
-    """
-
-    def __init__(self, ckpt: Path) -> None:
-        self.ckpt = ckpt
-        self.hint = (f"move {ckpt} aside to resume from an earlier checkpoint, or give a new "
-                     "--out to start fresh")  # fmt: skip
-
-    def bad(self, path: Path, why: str) -> DataError:
-        return DataError(f"{path}: {why}; {self.hint}")
-
-    @staticmethod
-    def first_sentence(exc: BaseException) -> str:
-        text = " ".join(str(exc).split()) or exc.__class__.__name__
-        return text.split(". ")[0][:160]
-
-    def torch_file(self, path: Path) -> Any:
-        """A plain-tensor file, read with ``weights_only=True``."""
-        if not path.is_file():
-            raise self.bad(path, "missing from the checkpoint")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
-            raise self.bad(path, "not a readable clerf checkpoint file (read with "
-                           f"weights_only=True: {self.first_sentence(exc)})") from exc  # fmt: skip
-
-    def loop_state(self) -> dict[str, Any]:
-        loop_file = self.ckpt / _LOOP_FILE
-        try:
-            loop = json.loads(loop_file.read_text())
-            if not isinstance(loop, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            raise self.bad(loop_file, f"not a readable loop state ({exc})") from exc
-        if loop.get("format") != CHECKPOINT_FORMAT:
-            raise self.bad(loop_file, f"format {loop.get('format')!r}, expected "
-                           f"{CHECKPOINT_FORMAT!r} (older clerf checkpoints hold pickles, which "
-                           "are never loaded)")  # fmt: skip
-        return loop
-
-    def into(self, path: Path, obj: Any) -> None:
-        """``obj.load_state_dict`` of the plain state dict in ``path``."""
-        sd = self.torch_file(path)
-        try:
-            obj.load_state_dict(sd)
-        except Exception as exc:
-            raise self.bad(path, f"does not match this run ({self.first_sentence(exc)})") from exc
-
-
-def _load_checkpoint(accelerator, ckpt: Path, state: _LoopState, model, optimizer,
-                     scheduler) -> None:  # fmt: skip
-    """Restore what :func:`_save_checkpoint` wrote; nothing is unpickled.
-
-    Raises:
-        DataError: one line naming the unreadable file, with what to do instead.
-    """
-    from clerf.models.io import load_state_strict, load_weights_file
-
-    reader = _CheckpointReader(ckpt)
-    loop = reader.loop_state()
-    try:
-        state.load_state_dict(loop)
-        acc_step = int(loop.get("accelerator_step", 0))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise reader.bad(ckpt / _LOOP_FILE, f"bad loop state ({exc!r})") from exc
-    try:
-        load_state_strict(accelerator.unwrap_model(model), load_weights_file(ckpt / _MODEL_FILE),
-                          source=str(ckpt / _MODEL_FILE))  # fmt: skip
-    except DataError as exc:
-        raise DataError(f"{exc}; {reader.hint}") from exc
-    for path, obj in ((ckpt / _OPTIMIZER_FILE, optimizer), (ckpt / _SCHEDULER_FILE, scheduler),
-                      (ckpt / _SCALER_FILE, accelerator.scaler)):  # fmt: skip
-        if obj is not None:
-            reader.into(path, obj)
-    rng_path = ckpt / _rng_file(accelerator.process_index)
-    if rng_path.is_file() or accelerator.process_index == 0:
-        rng = reader.torch_file(rng_path)
-        try:
-            _set_rng_state(rng)
-        except Exception as exc:
-            raise reader.bad(rng_path, f"not valid random states ({exc!r})") from exc
-    accelerator.step = acc_step
 
 
 # --------------------------------------------------------------------------- logging
@@ -798,7 +577,7 @@ class Trainer:
         _check_resume_config(out, cfg, section)
         set_seed(int(cfg.seed))
         self.ctx = StepContext(accelerator=self.accelerator, cfg=cfg, train_cfg=tc, out=out)
-        self.state = _LoopState()
+        self.state = LoopState()
         self.last_logs: dict[str, Any] = {}
         self.evaluation: dict[str, float] = {}
 
@@ -858,8 +637,8 @@ class Trainer:
         self.resumed_from: int | None = None
         self.last_ckpt: Path | None = ckpts[-1] if ckpts else None
         if ckpts:
-            _load_checkpoint(self.accelerator, ckpts[-1], self.state, self.model, self.optimizer,
-                             self.scheduler)  # fmt: skip
+            load_checkpoint(self.accelerator, ckpts[-1], self.state, self.model, self.optimizer,
+                            self.scheduler)  # fmt: skip
             self.resumed_from = self.state.step
             if self.state.micro_step >= self.micro_per_epoch:
                 self.state.epoch, self.state.micro_step = self.state.epoch + 1, 0
@@ -991,9 +770,9 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self.check_finite()
-        self.last_ckpt = _save_checkpoint(self.accelerator, self.out, self.state,
-                                          self.tc.keep_checkpoints, self.model, self.optimizer,
-                                          self.scheduler)  # fmt: skip
+        self.last_ckpt = save_checkpoint(self.accelerator, self.out, self.state,
+                                         self.tc.keep_checkpoints, self.model, self.optimizer,
+                                         self.scheduler)  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation on the main process (logged); the other ranks wait."""
@@ -1016,7 +795,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final checkpoint (unless this exact step is saved), evaluation, artefacts, summary."""
         acc, state = self.accelerator, self.state
-        if self.last_ckpt is None or int(self.last_ckpt.name[len(_PREFIX):]) != state.step:
+        if self.last_ckpt is None or checkpoint_step(self.last_ckpt) != state.step:
             self.checkpoint()
         self.evaluation = self.evaluate()
         # One (sum, sum of squares) of the parameters per rank: equal on all ranks unless DDP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ def _check(source, triplets: bool) -> None:
     assert batch["images"].shape[1:3] == ((3, 3) if triplets else (3, 16))
     assert tuple(batch["rotations"].shape) == shape and batch["rotations"].dtype == torch.float32
     assert batch["index"].tolist() == [0, 1, 2]
+    assert isinstance(source.describe(), dict)  # what a model trained on it remembers
+    json.dumps(source.describe())
 
 
 def test_stores_memory_and_streams_are_data_sources(tmp_path):

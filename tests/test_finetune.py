@@ -287,6 +287,24 @@ def test_tiny_run_learns_full_range_rotations_and_saves_a_loadable_model(tmp_pat
     assert err == pytest.approx(ev["val/geodesic_deg"], abs=1e-3)
     meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert meta["training"]["stage"] == "finetune" and meta["training"]["steps"] == 96
+    # in-memory images name no crop preset: the record says so (inference uses its default)
+    assert meta["preprocessing"]["crop_preset"] is None
+    assert "names no crop preset" in meta["preprocessing"]["crop_source"]
+
+
+def test_crop_protocol_of_the_training_data():
+    from clerf.finetune import crop_protocol
+
+    assert crop_protocol({"kind": "labelled", "crop_preset": "hopenet_train",
+                          "resize": "stretch"}) == {
+        "crop_preset": "hopenet_train", "resize_mode": "stretch",
+        "crop_source": "training data (its crop_preset)"}  # fmt: skip
+    rendered = crop_protocol({"source": "stream", "generator": "procedural"})
+    assert (rendered["crop_preset"], rendered["resize_mode"]) == ("none", "center")
+    assert crop_protocol({"source": "in-memory tensors"})["crop_preset"] is None
+    unknown = crop_protocol({"crop_preset": "from_the_future", "resize": "sideways"})
+    assert unknown["crop_preset"] is None and unknown["resize_mode"] == "center"
+    assert "'from_the_future'" in unknown["crop_source"]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -374,6 +392,8 @@ def test_cli_finetune_on_a_store_end_to_end(blob_store, tmp_path, capsys):
     m = HeadPoseModel.from_pretrained(out)
     info = m.training_summary["train_data"]
     assert info["path"] == str(blob_store) and info["kind"] == "labelled"
+    # the store's attributes name no crop preset, and the saved record says so
+    assert m.crop["crop_preset"] is None and m.crop["resize_mode"] == "center"
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
 
 

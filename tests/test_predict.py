@@ -214,6 +214,50 @@ def test_crop_preset_comes_from_the_training_data():
     assert wrap_head_pose_model(m).crop_preset == "none"
 
 
+def test_the_crop_protocol_is_read_from_the_saved_preprocessing_record(tmp_path):
+    from fixtures_evaluation import tiny_model
+
+    from clerf.finetune import crop_protocol
+
+    m = tiny_model()
+    m.crop = crop_protocol({"crop_preset": "hopenet_train", "resize": "stretch"})
+    # a training summary that says otherwise is not searched: the record wins
+    m.save_pretrained(tmp_path / "new", training={"train_data": {"crop_preset": "hopenet_test"}})
+    meta = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert (meta["preprocessing"]["crop_preset"], meta["preprocessing"]["resize_mode"]) == (
+        "hopenet_train", "stretch")
+    w = load_pose_model(tmp_path / "new")
+    assert (w.crop_preset, w.resize_mode, w.describe()["crop_source"]) == (
+        "hopenet_train", "stretch", "model")
+
+    m.crop = crop_protocol({"source": "in-memory tensors"})  # the data named no preset
+    m.save_pretrained(tmp_path / "none", training={"train_data": {"crop_preset": "hopenet_train"}})
+    w = load_pose_model(tmp_path / "none")
+    assert w.crop_preset == "hopenet_test" and "names no crop preset" in w.describe()["crop_source"]
+
+
+def test_a_model_saved_before_the_crop_record_loads_by_the_legacy_route(tmp_path):
+    """A model directory written the old way: no crop keys in ``preprocessing``, the store's
+    attributes somewhere inside the training summary."""
+    from fixtures_evaluation import tiny_model
+
+    m = tiny_model()
+    m.save_pretrained(tmp_path / "old", training={
+        "stage": "finetune", "train_data": {"path": "train.h5", "kind": "labelled",
+                                            "crop_preset": "hopenet_train", "resize": "stretch"}})
+    cfg_file = tmp_path / "old" / "config.json"
+    meta = json.loads(cfg_file.read_text())
+    for key in ("crop_preset", "resize_mode", "crop_source"):  # as written before the record
+        meta["preprocessing"].pop(key, None)
+    cfg_file.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    w = load_pose_model(tmp_path / "old")
+    assert (w.crop_preset, w.resize_mode, w.describe()["crop_source"]) == (
+        "hopenet_train", "stretch", "model")
+    meta["training"] = {"train_data": {"source": "stream", "generator": "procedural"}}
+    cfg_file.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    assert load_pose_model(tmp_path / "old").crop_preset == "none"
+
+
 def test_cli_video_error_is_the_only_line_on_stderr(model_dir, tmp_path):
     """FFmpeg's own log line ("moov atom not found") is written by C code to the process's
     stderr: checked in a fresh process, where the backend is first initialised."""

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from clerf.checkpoint import find_checkpoints
 from clerf.config import load_config
 from clerf.errors import ConfigError, DataError
-from clerf.training import StepContext, Task, find_checkpoints, fit, lr_lambda
+from clerf.training import StepContext, Task, fit, lr_lambda
 
 
 class ToyTask(Task):
@@ -285,12 +286,12 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
     import numpy as np
 
-    from clerf.training import _rng_state, _set_rng_state
+    from clerf.checkpoint import rng_state, set_rng_state
 
     torch.manual_seed(1), np.random.seed(2), random.seed(3)  # noqa: NPY002
-    torch.save(_rng_state(), tmp_path / "rng.bin")
+    torch.save(rng_state(), tmp_path / "rng.bin")
     first = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
-    _set_rng_state(torch.load(tmp_path / "rng.bin", weights_only=True))
+    set_rng_state(torch.load(tmp_path / "rng.bin", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert first[2] == again[2]

@@ -11,7 +11,9 @@
 * :attr:`PoseModel.input_size`, :attr:`mean`, :attr:`std`: the input contract (normalisation is
   applied inside the model; recorded in exported ONNX metadata).
 * :attr:`PoseModel.crop_preset`, :attr:`resize_mode`: how ``predict`` must cut faces so that they
-  look like the training crops (``clerf.data.crop``).
+  look like the training crops (``clerf.data.crop``): read from the saved model's preprocessing
+  record (``HeadPoseModel.crop``), or for models saved before it held them, by the legacy search of
+  the training summary (:func:`_legacy_crop_protocol`).
 """
 
 from __future__ import annotations
@@ -140,6 +142,45 @@ def load_pose_model(path: str | Path | PoseModel, device: torch.device | str = "
 DEFAULT_CROP_PRESET = "hopenet_test"
 
 
+def wrap_head_pose_model(model: Any, path: Path | None = None) -> PoseModel:
+    """A :class:`PoseModel` around a ``HeadPoseModel`` (uses its ``rotations`` path).
+
+    The crop preset and resize mode are the model's preprocessing record
+    (``HeadPoseModel.crop``: ``crop_preset``, ``resize_mode``), which ``clerf finetune`` writes at
+    save time from the training data. A model whose record names no preset gets
+    ``hopenet_test`` (the benchmark's test crop). Models saved before the record held the crop
+    go through :func:`_legacy_crop_protocol`. :meth:`PoseModel.describe` says which
+    (``crop_source``).
+    """
+    crop = dict(getattr(model, "crop", None) or {})
+    if "crop_preset" in crop:
+        preset, source = crop["crop_preset"], "model"
+        resize = crop.get("resize_mode") or "center"
+        if preset is None:
+            preset = DEFAULT_CROP_PRESET
+            source = "default (the model's training data names no crop preset)"
+    else:
+        preset, resize, source = _legacy_crop_protocol(model)
+    info = {"path": str(path) if path is not None else None,
+            "head": dict(model.head.describe()), "crop_source": source}
+    return PoseModel(
+        model,
+        input_size=model.input_size,
+        mean=list(model.encoder.spec.mean),
+        std=list(model.encoder.spec.std),
+        crop_preset=preset,
+        resize_mode=resize,
+        info=info,
+        rotation_fn=lambda m, x: m.rotations(x),
+    )
+
+
+# --------------------------------------------------------------------------- LEGACY route
+# Models saved before ``clerf finetune`` wrote the crop protocol into the preprocessing record
+# (``HeadPoseModel.crop``) carry it only somewhere inside their training summary. Kept so that
+# those models still load with the crop they were trained on; new models never come here.
+
+
 def _find_key(tree: Any, key: str, valid: Callable[[Any], bool]) -> Any:
     """First value of ``key`` in nested dicts (breadth-first) that passes ``valid``, or None."""
     queue = [tree]
@@ -152,15 +193,13 @@ def _find_key(tree: Any, key: str, valid: Callable[[Any], bool]) -> Any:
     return None
 
 
-def wrap_head_pose_model(model: Any, path: Path | None = None) -> PoseModel:
-    """A :class:`PoseModel` around a ``HeadPoseModel`` (uses its ``rotations`` path).
+def _legacy_crop_protocol(model: Any) -> tuple[str, str, str]:
+    """LEGACY: ``(crop preset, resize mode, crop source)`` of a model without a crop record.
 
-    The crop preset and resize mode are read from the model's preprocessing or training summary
-    (``crop_preset`` and ``resize_mode``/``resize`` keys anywhere inside: ``clerf finetune``
-    copies them from the prepared store's attributes). A model trained on rendered stores (a
-    ``generator`` key, no crop preset) gets ``none``; a model that records nothing gets
-    ``hopenet_test`` (the benchmark's test crop) and ``center``. :meth:`PoseModel.describe` says
-    which (``crop_source``).
+    Searches the preprocessing and training summary (breadth-first) for ``crop_preset`` and
+    ``resize_mode``/``resize`` keys (the prepared store's attributes, copied by old
+    ``clerf finetune``). A model trained on rendered stores (a ``generator`` key, no crop preset)
+    gets ``none``; a model that records nothing gets ``hopenet_test`` and ``center``.
     """
     from clerf.data.crop import CROP_PRESETS, RESIZE_MODES
 
@@ -174,15 +213,4 @@ def wrap_head_pose_model(model: Any, path: Path | None = None) -> PoseModel:
         preset, source = DEFAULT_CROP_PRESET, "default (the model records no crop preset)"
     resize = (_find_key(meta, "resize_mode", lambda v: v in RESIZE_MODES)
               or _find_key(meta, "resize", lambda v: v in RESIZE_MODES) or "center")
-    info = {"path": str(path) if path is not None else None,
-            "head": dict(model.head.describe()), "crop_source": source}
-    return PoseModel(
-        model,
-        input_size=model.input_size,
-        mean=list(model.encoder.spec.mean),
-        std=list(model.encoder.spec.std),
-        crop_preset=preset,
-        resize_mode=resize,
-        info=info,
-        rotation_fn=lambda m, x: m.rotations(x),
-    )
+    return preset, resize, source

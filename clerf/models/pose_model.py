@@ -42,10 +42,16 @@ from clerf.models.io import (
     save_model_dir,
 )
 
-__all__ = ["HeadPoseModel", "PosePrediction", "MODEL_KIND", "load_head_pose_model",
+__all__ = ["HeadPoseModel", "PosePrediction", "MODEL_KIND", "CROP_KEYS", "load_head_pose_model",
            "head_pose_model_dir"]
 
 MODEL_KIND = "clerf.head_pose_model"
+
+#: the crop protocol's keys in the preprocessing record (:attr:`HeadPoseModel.crop`):
+#: ``crop_preset`` (a ``clerf.data.crop`` preset name, or None when the training data named
+#: none), ``resize_mode`` (``clerf.data.crop.resize_square``), ``crop_source`` (where they came
+#: from, in words)
+CROP_KEYS = ("crop_preset", "resize_mode", "crop_source")
 
 
 class PosePrediction(NamedTuple):
@@ -117,6 +123,11 @@ class HeadPoseModel(nn.Module):
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self.training_summary: dict[str, Any] = {}
+        #: how the training images were cut from photos, so that ``predict`` cuts faces alike:
+        #: the :data:`CROP_KEYS`, written by ``clerf finetune`` at save time and saved in the
+        #: preprocessing record; empty when unknown (a model built in code, or one saved before
+        #: the record held it: inference then searches the training summary, its legacy route)
+        self.crop: dict[str, Any] = {}
         self._encoder_frozen = False
 
     # ----------------------------------------------------------------------- properties
@@ -127,7 +138,8 @@ class HeadPoseModel(nn.Module):
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        """What :meth:`predict` does to its input (also saved in ``config.json``)."""
+        """What :meth:`predict` does to its input (also saved in ``config.json``), and the crop
+        protocol of the training images (:attr:`crop`, when recorded)."""
         spec = self.encoder.spec
         return {
             "input_size": int(spec.input_size),
@@ -139,6 +151,7 @@ class HeadPoseModel(nn.Module):
             "resize": "antialiased bilinear to input_size x input_size (kornia resize)",
             "input_format": "RGB face crops (B, 3, H, W), uint8 [0, 255] or float [0, 1], "
             "framed like the training crops",
+            **{k: self.crop[k] for k in CROP_KEYS if k in self.crop},
         }
 
     # ----------------------------------------------------------------------- freezing
@@ -298,6 +311,8 @@ class HeadPoseModel(nn.Module):
             raise DataError(f"{p / 'config.json'}: invalid model config ({exc})") from exc
         load_state_strict(model, load_weights_file(p / WEIGHTS_NAME), source=str(p / WEIGHTS_NAME))
         model.training_summary = dict(meta.get("training") or {})
+        pre = meta.get("preprocessing") or {}
+        model.crop = {k: pre[k] for k in CROP_KEYS if isinstance(pre, dict) and k in pre}
         return model.to(map_location).eval()
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,6 +31,10 @@ class DataSource(Protocol):
       ``images`` (uint8), ``rotations`` (float32) and ``index`` (int64); stores and streams add
       ``identities``. Labelled items are ``(B, 3, H, W)`` images and ``(B, 3, 3)`` rotations;
       triplet items ``(B, 3, 3, H, W)`` and ``(B, 3, 3, 3)`` (anchor, positive, negative).
+    * ``describe()``: what a model trained on the source remembers of it (JSON-friendly, saved in
+      its training summary). A source of cropped photos names its ``crop_preset`` and ``resize``
+      (``clerf.data.crop``), a rendered one its ``generator``: ``clerf finetune`` derives the
+      saved model's crop protocol from these keys (``crop_protocol`` in ``clerf/finetune.py``).
     """
 
     def __len__(self) -> int: ...
@@ -38,6 +43,12 @@ class DataSource(Protocol):
     def block_size(self) -> int: ...
 
     def read_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+#: store attributes that :meth:`_StoreDataset.describe` passes on (provenance and crop protocol)
+DESCRIBED_ATTRS = ("stage", "dataset", "split", "crop_preset", "resize", "generator")
 
 
 class _StoreDataset(Dataset):
@@ -51,6 +62,23 @@ class _StoreDataset(Dataset):
 
     def read_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The store's path, kind, resolution and size, and its :data:`DESCRIBED_ATTRS`."""
+        store = self.store
+        info: dict[str, Any] = {"path": str(store.path), "kind": store.kind,
+                                "resolution": store.resolution, "num_images": store.num_images}
+        for key in DESCRIBED_ATTRS:
+            if key in store.attrs:
+                v = store.attrs[key]
+                v = v.decode() if isinstance(v, bytes) else v
+                if isinstance(v, str) and v[:1] in "{[":
+                    try:  # stores keep structured attributes as JSON text
+                        v = json.loads(v)
+                    except ValueError:
+                        pass
+                info[key] = v if isinstance(v, (str, int, float, bool, dict, list)) else str(v)
+        return info
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         # Lets a plain DataLoader(batch_size=...) fetch a batch with few contiguous reads.
