@@ -191,14 +191,40 @@ def test_peers_decoding_of_a_model_head():
                             torch.tensor([95.0], dtype=torch.float64),
                             torch.tensor([-5.0], dtype=torch.float64))
     e = euler_from_rotation(R)
-    ypr = torch.stack([e.yaw, e.pitch, e.roll], -1).numpy()
-    np.testing.assert_allclose(peers_euler(ypr, "bins"), [[95.0, 10.0, -5.0]], atol=1e-9)
-    assert abs(float(peers_euler(ypr, "6drepnet")[0, 0]) - 85.0) < 1e-9
+    pyr = torch.stack([e.pitch, e.yaw, e.roll], -1).numpy()  # every Euler array's order
+    np.testing.assert_allclose(peers_euler(pyr, "bins"), [[10.0, 95.0, -5.0]], atol=1e-9)
+    assert abs(float(peers_euler(pyr, "6drepnet")[0, 1]) - 85.0) < 1e-9
 
 
 def test_comparable_mae_wraps_by_360_only_and_uses_every_sample():
-    pred = np.array([[179.0, 10.0, -170.0], [85.0, 0.0, 0.0]])
-    true = np.array([[-179.0, 10.0, 10.0], [95.0, 0.0, 0.0]])  # yaw error 2 and 10; roll 180
+    # (pitch, yaw, roll): yaw error 2 and 10; roll 180
+    pred = np.array([[10.0, 179.0, -170.0], [0.0, 85.0, 0.0]])
+    true = np.array([[10.0, -179.0, 10.0], [0.0, 95.0, 0.0]])
     m = comparable_euler_mae(pred, true)
     assert m["n"] == 2 and math.isclose(m["yaw"], 6.0) and math.isclose(m["roll"], 90.0)
     assert math.isclose(m["mean"], (6.0 + 0.0 + 90.0) / 3)
+
+
+def test_every_euler_array_is_in_the_stores_order():
+    """One Euler order in arrays everywhere: (pitch, yaw, roll), the order the stores record
+    (``euler_order``) and the geometry core's ``EulerAngles``; the samples CSV names each column."""
+    import csv
+
+    from clerf.evaluation.metrics import EULER_AXES, compute_errors
+    from clerf.evaluation.report import write_samples_csv
+    from triplets.store import EULER_ORDER
+
+    assert EULER_AXES == tuple(EULER_ORDER.split(",")) == ("pitch", "yaw", "roll")
+    pitch, yaw, roll = (torch.tensor([v], dtype=torch.float64) for v in (20.0, -40.0, 10.0))
+    R = rotation_from_euler(pitch, yaw, roll)
+    e = compute_errors(np.array([0]), R, R, euler_dataset=np.array([[21.0, -41.0, 11.0]]))
+    np.testing.assert_allclose(e.euler_true, [[20.0, -40.0, 10.0]], atol=1e-9)
+    m = comparable_euler_mae(e.euler_pred, e.euler_dataset)
+    assert math.isclose(m["pitch"], 1.0) and math.isclose(m["yaw"], 1.0)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        write_samples_csv(Path(d) / "s.csv", {"standard": {"upright": e}})
+        rows = list(csv.DictReader((Path(d) / "s.csv").open()))
+    assert float(rows[0]["yaw_true"]) == -40.0 and float(rows[0]["pitch_dataset"]) == 21.0

@@ -384,9 +384,9 @@ def test_euler_error_wraps_by_360_only():
 def test_euler_mae_hand_computed():
     from clerf.evaluation.metrics import euler_mae
 
-    # (yaw, pitch, roll) per sample; pitch 170 vs -10 is 180 apart, not 0
-    pred = torch.tensor([[0.0, 10.0, 0.0], [4.0, 170.0, 0.0]])
-    true = torch.tensor([[2.0, 0.0, 0.0], [0.0, -10.0, 0.0]])
+    # (pitch, yaw, roll) per sample, every Euler array's order; pitch 170 vs -10 is 180 apart
+    pred = torch.tensor([[10.0, 0.0, 0.0], [170.0, 4.0, 0.0]])
+    true = torch.tensor([[0.0, 2.0, 0.0], [-10.0, 0.0, 0.0]])
     m = euler_mae(g.euler_abs_error(pred, true).numpy())
     assert m == pytest.approx({"yaw": 3.0, "pitch": 95.0, "roll": 0.0, "mean": 98.0 / 3})
 
@@ -412,8 +412,8 @@ def test_metrics_do_not_depend_on_batch_size_or_order():
     from clerf.evaluation.metrics import euler_mae
 
     perm = torch.randperm(100, generator=torch.Generator().manual_seed(0))
-    ep = torch.stack([(e := g.euler_from_rotation(Rp)).yaw, e.pitch, e.roll], -1)
-    et = torch.stack([(e := g.euler_from_rotation(Rt)).yaw, e.pitch, e.roll], -1)
+    ep = torch.stack(tuple(g.euler_from_rotation(Rp)), -1)
+    et = torch.stack(tuple(g.euler_from_rotation(Rt)), -1)
     m1 = euler_mae(g.euler_abs_error(ep, et).numpy())
     m2 = euler_mae(g.euler_abs_error(ep[perm], et[perm]).numpy())
     assert m1 == m2  # exactly rounded: the same bits in any order

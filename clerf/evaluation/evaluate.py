@@ -180,7 +180,7 @@ def collect_errors(
         index = allrows[:, 0].to(torch.int64)
         ed = None
         if ds_euler is not None and key in identity:
-            ed = ds_euler[index.numpy()][:, [1, 0, 2]]  # (pitch, yaw, roll) -> (yaw, pitch, roll)
+            ed = ds_euler[index.numpy()]  # (pitch, yaw, roll), as every Euler array
         out[key] = compute_errors(index, allrows[:, 10:].view(-1, 3, 3),
                                   allrows[:, 1:10].view(-1, 3, 3), euler_dataset=ed)
     return out

@@ -78,6 +78,7 @@ __all__ = [
     "compute_errors",
     "summarize",
     "merge",
+    "EULER_AXES",
     "euler_in_range",
     "binned_error",
     "cumulative_curve",
@@ -88,8 +89,9 @@ THRESHOLDS_DEG: tuple[float, ...] = (5.0, 10.0, 15.0, 30.0)
 #: the benchmark's Euler filter (docs/conventions.md section 6): |angles| <= 99 deg
 EULER_RANGE_DEG = PROTOCOL_MAX_ABS_ANGLE
 
-#: Euler axes as reported (the peers' tables: yaw, pitch, roll)
-_AXES = ("yaw", "pitch", "roll")
+#: the order of Euler angles in every ``(N, 3)`` array: the geometry core's ``EulerAngles``
+#: (pitch, yaw, roll), as the stores record it (``euler_order``); reports name each by its axis
+EULER_AXES: tuple[str, ...] = EulerAngles._fields
 
 #: how clerf's own Euler MAE (``euler``) is computed
 EULER_DEFINITION = (
@@ -124,10 +126,10 @@ class SampleErrors:
         geodesic: ``(N,)`` geodesic error.
         axis: ``(N, 3)`` angle error of the head's right, up and nose axes (rows of ``R``).
         maev: ``(N,)`` mean of ``axis`` over the three axes.
-        euler_true: ``(N, 3)`` true Euler angles ``(yaw, pitch, roll)``.
-        euler_pred: ``(N, 3)`` predicted Euler angles ``(yaw, pitch, roll)``.
-        euler_err: ``(N, 3)`` absolute Euler errors ``(yaw, pitch, roll)``, wrapped by 360 only.
-        euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` triple where the
+        euler_true: ``(N, 3)`` true Euler angles ``(pitch, yaw, roll)``.
+        euler_pred: ``(N, 3)`` predicted Euler angles ``(pitch, yaw, roll)``.
+        euler_err: ``(N, 3)`` absolute Euler errors ``(pitch, yaw, roll)``, wrapped by 360 only.
+        euler_dataset: ``(N, 3)`` the dataset's own ``(pitch, yaw, roll)`` triple where the
             source has one and the image is as stored; NaN otherwise.
         missed: ``(N,)`` bool, the predictor returned no rotation (a non-finite one, e.g. the
             landmark baseline found no face): scored as the constant upright, frontal answer.
@@ -151,9 +153,9 @@ class SampleErrors:
         return SampleErrors(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
 
 
-def _euler_ypr(R: Tensor) -> Tensor:
-    e = euler_from_rotation(R)
-    return torch.stack([e.yaw, e.pitch, e.roll], dim=-1)
+def _euler_array(R: Tensor) -> Tensor:
+    """``(..., 3)`` Euler angles of ``R`` in the order of :data:`EULER_AXES` (pitch, yaw, roll)."""
+    return torch.stack(tuple(euler_from_rotation(R)), dim=-1)
 
 
 def compute_errors(
@@ -167,7 +169,7 @@ def compute_errors(
     Args:
         index: ``(N,)`` unique integer sample ids.
         R_pred, R_true: ``(N, 3, 3)`` rotation matrices (any float dtype; computed in float64).
-        euler_dataset: optional ``(N, 3)`` dataset's own ``(yaw, pitch, roll)`` triple (degrees)
+        euler_dataset: optional ``(N, 3)`` dataset's own ``(pitch, yaw, roll)`` triple (degrees)
             of the same samples, in the order of ``index``: the ground truth of the
             published-comparable Euler MAE. None: unknown (NaN).
 
@@ -194,7 +196,7 @@ def compute_errors(
     if missed.any():
         Rp = torch.where(missed[:, None, None], torch.eye(3, dtype=Rp.dtype), Rp)
     ax = axis_errors(Rp, Rt)
-    et, ep = _euler_ypr(Rt), _euler_ypr(Rp)
+    et, ep = _euler_array(Rt), _euler_array(Rp)
     if euler_dataset is None:
         ed = np.full((idx.shape[0], 3), np.nan)
     else:
@@ -240,10 +242,10 @@ def _mean(x: np.ndarray) -> float:
 
 
 def peers_euler(euler_pred: np.ndarray, decoding: str = "6drepnet") -> np.ndarray:
-    """The predicted ``(yaw, pitch, roll)`` as the peers decode them (module docstring).
+    """The predicted ``(pitch, yaw, roll)`` as the peers decode them (module docstring).
 
     Args:
-        euler_pred: ``(N, 3)`` ``(yaw, pitch, roll)`` from
+        euler_pred: ``(N, 3)`` ``(pitch, yaw, roll)`` from
             :func:`clerf.geometry.euler_from_rotation`.
         decoding: a key of :data:`PEERS_DECODINGS`.
     """
@@ -253,8 +255,8 @@ def peers_euler(euler_pred: np.ndarray, decoding: str = "6drepnet") -> np.ndarra
     if decoding == "6drepnet":
         return pred
     t = torch.from_numpy(pred)
-    other = euler_other_branch(EulerAngles(t[:, 1], t[:, 0], t[:, 2]))
-    alt = torch.stack([other.yaw, other.pitch, other.roll], dim=-1).numpy()
+    other = euler_other_branch(EulerAngles(*t.unbind(-1)))
+    alt = torch.stack(tuple(other), dim=-1).numpy()
     lo, hi = _BIN_RANGE
 
     def inside(x: np.ndarray) -> np.ndarray:
@@ -266,11 +268,12 @@ def peers_euler(euler_pred: np.ndarray, decoding: str = "6drepnet") -> np.ndarra
 
 def euler_mae(err: np.ndarray) -> dict[str, float]:
     """Per-axis Euler MAE and their mean (degrees) from absolute errors ``(N, 3)`` ordered
-    (yaw, pitch, roll) (:func:`clerf.geometry.euler_abs_error`: wrapped by 360 only).
+    (pitch, yaw, roll) like every Euler array (:func:`clerf.geometry.euler_abs_error`: wrapped
+    by 360 only).
 
     Exactly rounded sums: the same bits in any sample order or batching.
     """
-    mae = {axis: _mean(err[:, i]) for i, axis in enumerate(_AXES)}
+    mae = {axis: _mean(err[:, EULER_AXES.index(axis)]) for axis in ("yaw", "pitch", "roll")}
     mae["mean"] = (mae["yaw"] + mae["pitch"] + mae["roll"]) / 3.0
     return mae
 
@@ -283,8 +286,8 @@ def comparable_euler_mae(
     and ``decoding``.
 
     Args:
-        euler_pred: ``(N, 3)`` predicted ``(yaw, pitch, roll)`` decomposed from the matrices.
-        euler_dataset: ``(N, 3)`` the dataset's own ``(yaw, pitch, roll)`` (finite).
+        euler_pred: ``(N, 3)`` predicted ``(pitch, yaw, roll)`` decomposed from the matrices.
+        euler_dataset: ``(N, 3)`` the dataset's own ``(pitch, yaw, roll)`` (finite).
         decoding: how the peers get the prediction's angles (:data:`PEERS_DECODINGS`).
     """
     pred = np.asarray(euler_pred, dtype=np.float64)
@@ -307,7 +310,7 @@ def euler_in_range(
     errors: SampleErrors, euler_range: float = EULER_RANGE_DEG, max_yaw: float = 90.0
 ) -> np.ndarray:
     """Boolean ``(N,)``: samples whose true Euler angles are meaningful (module docstring)."""
-    yaw, pitch, roll = errors.euler_true.T
+    pitch, yaw, roll = errors.euler_true.T
     return (np.abs(pitch) <= euler_range) & (np.abs(roll) <= euler_range) & (np.abs(yaw) <= max_yaw)
 
 

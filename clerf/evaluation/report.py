@@ -34,7 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from clerf.evaluation.metrics import SampleErrors, binned_error, cumulative_curve, merge
+from clerf.evaluation.metrics import (
+    EULER_AXES,
+    SampleErrors,
+    binned_error,
+    cumulative_curve,
+    merge,
+)
 from clerf.files import replacing, write_text_atomic
 from clerf.geometry import PROTOCOL_MAX_ABS_ANGLE
 
@@ -194,9 +200,8 @@ def write_samples_csv(path: Path, per_protocol: dict[str, dict[str, SampleErrors
     with replacing(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["protocol", "view", "index", "geodesic", "maev", "err_right", "err_up",
-                    "err_nose", "yaw_err", "pitch_err", "roll_err", "yaw_true", "pitch_true",
-                    "roll_true", "yaw_pred", "pitch_pred", "roll_pred", "yaw_dataset",
-                    "pitch_dataset", "roll_dataset", "missed"])
+                    "err_nose", *(f"{a}_{what}" for what in ("err", "true", "pred", "dataset")
+                                  for a in EULER_AXES), "missed"])
         for p, views in per_protocol.items():
             for v, e in views.items():
                 for i in range(len(e)):
@@ -236,13 +241,13 @@ def write_figures(
         fig, axes = _canvas(1, 3, (13, 3.8))
         limits = {"yaw": 90.0, "pitch": 180.0, "roll": 180.0}
         for j, axis in enumerate(("yaw", "pitch", "roll")):
-            ax = axes[0, j]
+            ax, col = axes[0, j], EULER_AXES.index(axis)
             for name in models:
                 views = samples[name][base]
                 e = merge(list(views.values()),
                           offsets=[i * (1 + max(int(v.index.max()) for v in views.values()))
                                    for i in range(len(views))])
-                x = e.euler_true[:, j]
+                x = e.euler_true[:, col]
                 lim = max(limits[axis] if axis != "yaw" else 90.0, float(np.abs(x).max()))
                 lim = min(180.0, math.ceil(lim / 10.0) * 10.0)
                 edges = np.linspace(-lim, lim, 19)
@@ -326,7 +331,7 @@ def _error_vs_view(report: dict[str, Any], samples: dict[str, dict[str, dict[str
                   offsets=[i * (1 + max(int(v.index.max()) for v in views.values()))
                            for i in range(len(views))])  # fmt: skip
         eu = torch.from_numpy(e.euler_true)
-        R = rotation_from_euler(eu[:, 1], eu[:, 0], eu[:, 2])
+        R = rotation_from_euler(*eu.unbind(-1))
         for ax, x in zip(axes[0], view_angles(R), strict=True):
             c, mean, _ = binned_error(x.numpy(), e.geodesic, edges, "mean")
             _, med, _ = binned_error(x.numpy(), e.geodesic, edges, "median")
