@@ -30,9 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from clerf.config import (
     DISPLAY_KEYS,
+    EvaluateConfig,
     comparable,
     first_difference,
     save_resolved,
+    section_config,
     structured,
     to_dict,
 )
@@ -241,7 +243,7 @@ def _silent(message: str) -> None:
 
 def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
               log: Callable[[str], None]) -> dict[str, Any]:
-    from clerf.evaluation.evaluate import EvaluateOptions, run_evaluate
+    from clerf.evaluation.evaluate import run_evaluate
 
     directory: Path = sc["evaluate_dir"]
     model = sc["finetune_dir"] / "model"
@@ -257,7 +259,7 @@ def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
             return json.loads(report_file.read_text())
     t0 = time.perf_counter()
     log(f"[evaluate] {', '.join(cfg.evaluate.protocols)} on {sc['test_store']}")
-    opts = EvaluateOptions.from_config(cfg.evaluate)
+    opts = section_config(EvaluateConfig, cfg.evaluate, "evaluate")
     report = run_evaluate([str(model)], directory, data=str(sc["test_store"]), opts=opts,
                           names=[str(cfg.name)], cfg=cfg)
     if is_main_process():
