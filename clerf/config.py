@@ -49,6 +49,19 @@ EvaluateProtocol = Literal["standard", "rotated", "flipped", "lowres", "full_ran
 OutOfRangePolicy = Literal["drop", "resample", "error"]
 #: ``prepare.resize``: how a crop becomes a square image (``clerf.data.crop.resize_square``)
 ResizeMode = Literal["center", "hopenet", "6drepnet", "stretch"]
+#: ``prepare.verify_images``: the image check of a dataset scan (``clerf.data.base``)
+VerifyMode = Literal["full", "header", "none"]
+#: ``prepare.biwi_signs`` and ``prepare.biwi_channels``: how a BIWI ``.npz`` is stored
+BiwiSigns = Literal["fsanet", "mirrored"]
+BiwiChannels = Literal["bgr", "rgb"]
+#: ``pretrain.loss.name``: the metric-learning loss (``clerf.losses``)
+LossName = Literal["circle", "triplet"]
+#: ``store.compression``: HDF5 compression of the stores (``triplets/store``)
+Compression = Literal["none", "lzf", "gzip"]
+#: ``triplets.negatives``: how negative rotations are drawn (``triplets.rules``)
+NegativeSampling = Literal["poses", "uniform"]
+#: ``pipeline.stages``: the stages ``clerf pipeline`` runs, in this order
+PipelineStage = Literal["generate", "pretrain", "finetune", "evaluate"]
 
 # --------------------------------------------------------------------------- schema sections
 
@@ -87,7 +100,7 @@ class TripletsConfig:
     delta: float = 30.0
     #: negative rotations: ``poses`` (the anchor sampler, rejection) or ``uniform`` (Haar
     #: measure restricted to >= delta from the anchor, sampled constructively)
-    negatives: str = "poses"
+    negatives: NegativeSampling = "poses"
     #: true: the negative shows the anchor's identity (hard negative); false: another identity
     hard_negatives: bool = True
     #: identities are drawn from [0, num_identities); at least 2 (the positive differs)
@@ -98,17 +111,25 @@ class TripletsConfig:
     #: negative), so a small labelled set still gives a pretraining budget of any size
     anchor_repeats: int = 1
 
+    def validate(self, path: str = "triplets") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
+
 
 @dataclass
 class StoreConfig:
     """How stores are laid out on disk (``triplets/SCHEMA.md``)."""
 
     #: ``none``, ``lzf`` or ``gzip``
-    compression: str = "none"
+    compression: Compression = "none"
     #: gzip level 1-9
     compression_level: int = 4
     #: images per HDF5 chunk, per commit and per render call (multiple of 3 for triplet stores)
     chunk_images: int = 96
+
+    def validate(self, path: str = "store") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
 
 
 @dataclass
@@ -318,14 +339,14 @@ class LossConfig:
     """Metric-learning loss and the pose-based pair labelling (``clerf.losses``)."""
 
     #: ``circle`` (pytorch-metric-learning CircleLoss) or ``triplet`` (TripletMarginLoss)
-    name: str = "circle"
+    name: LossName = "circle"
     #: CircleLoss margin m and scale gamma
     m: float = 0.25
     gamma: float = 64.0
     #: TripletMarginLoss margin
     margin: float = 0.2
     #: ``auto`` (circle: avg_nonzero, triplet: mean), ``mean`` or ``avg_nonzero``
-    reducer: str = "auto"
+    reducer: Literal["auto", "mean", "avg_nonzero"] = "auto"
     #: pairs within eps deg (geodesic, composed rotations) are positives
     eps_deg: float = 5.0
     #: pairs beyond delta deg are negatives; in between: ignored
@@ -336,6 +357,10 @@ class LossConfig:
     gather_distributed: bool = False
     #: cap on triplets for the triplet loss (random subset; 0 = all)
     max_triplets: int = 20000
+
+    def validate(self, path: str = "loss") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
 
 
 @dataclass
@@ -550,14 +575,14 @@ class PrepareConfig:
     skip_bad: bool = False
     #: image check during the scan: ``header`` (header + JPEG end marker), ``full`` (decode),
     #: ``none``
-    verify_images: str = "header"
+    verify_images: VerifyMode = "header"
     #: 300W-LP subset folders to read (empty = all eight); Pointing'04: people, as ``train``
     #: (1-10), ``val`` (11-12), ``test`` (13-15) or ``Person01`` ... (empty = all 15)
     subsets: list[str] = field(default_factory=list)
     #: BIWI .npz label signs: ``fsanet`` (300W-LP semantics) or ``mirrored``
-    biwi_signs: str = "fsanet"
+    biwi_signs: BiwiSigns = "fsanet"
     #: BIWI .npz channel order as stored: ``bgr`` (FSA-Net's files) or ``rgb``
-    biwi_channels: str = "bgr"
+    biwi_channels: BiwiChannels = "bgr"
     #: images decoded in parallel by this many worker processes (0 = in this process)
     workers: int = 0
     #: a label budget: keep only this many of the kept images, spread evenly over identities,
@@ -630,7 +655,7 @@ class PipelineConfig:
     """``clerf pipeline``: which stages run and how the held-out set is made."""
 
     #: stages in order; a subset skips the others (e.g. no ``pretrain``: a fresh encoder)
-    stages: list[str] = field(
+    stages: list[PipelineStage] = field(
         default_factory=lambda: ["generate", "pretrain", "finetune", "evaluate"]
     )
     #: triplets rendered for the held-out set (3 images each)
@@ -645,6 +670,10 @@ class PipelineConfig:
     val_seed_offset: int = 2000
     #: where the stores go (default ``OUT/data``); share it between runs that use the same data
     data_dir: str = ""
+
+    def validate(self, path: str = "pipeline") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
 
 
 @dataclass

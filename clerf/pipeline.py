@@ -24,13 +24,14 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
 from clerf.config import (
     DISPLAY_KEYS,
     EvaluateConfig,
+    PipelineStage,
     comparable,
     first_difference,
     save_resolved,
@@ -43,7 +44,8 @@ from clerf.errors import ConfigError, DataError
 
 __all__ = ["STAGES", "run_pipeline", "stage_configs"]
 
-STAGES = ("generate", "pretrain", "finetune", "evaluate")
+#: the stages in the order they run (:data:`clerf.config.PipelineStage`)
+STAGES: tuple[str, ...] = get_args(PipelineStage)
 
 
 def _derive(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
