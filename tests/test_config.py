@@ -194,3 +194,23 @@ def test_head_finetune_and_prepare_sections_are_checked_when_loaded(override, me
     if override == "head.loss=l1":  # the 6D head has a loss, and checks it
         with pytest.raises(ConfigError, match=r"key 'head.loss': Invalid value 'l1'"):
             load_config(None, ["head.type=rotation6d", override])
+
+
+def test_sections_built_in_python_are_checked_by_their_own_dataclass(tmp_path):
+    from clerf.config import AugmentConfig, EvaluateConfig, TrainConfig, section_config
+
+    with pytest.raises(ConfigError, match=r"finetune.train.schedule: expected one of cosine, "
+                                          r"linear, constant, got 'step'"):  # fmt: skip
+        TrainConfig(schedule="step").validate("finetune.train")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"evaluate.protocols: expected one of standard.*'fly'"):
+        EvaluateConfig(protocols=["standard", "fly"]).validate()  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match=r"pretrain.augment.nonsense: unknown key"):
+        section_config(AugmentConfig, {"nonsense": 1}, "pretrain.augment")
+    aug = section_config(AugmentConfig, {"p_hflip": 1.0}, "augment")
+    assert isinstance(aug, AugmentConfig) and aug.p_hflip == 1.0 and aug.padding == "zeros"
+    # YAML reads a bare `no` as false: the mixed_precision accelerate spells `no` is meant
+    cfg = load_config(_write(tmp_path, "finetune:\n  train:\n    mixed_precision: no\n"))
+    assert cfg.finetune.train.mixed_precision == "no"
+    from clerf.config import to_yaml
+
+    assert "mixed_precision: 'no'" in to_yaml(cfg)  # saved quoted: reloads as the string
