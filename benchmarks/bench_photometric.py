@@ -40,9 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from dataclasses import asdict
+
     from kornia.enhance import adjust_hue, adjust_saturation
 
-    from clerf.augment import DEFAULTS, chroma_matrix, photometric
+    from clerf.augment import chroma_matrix, photometric
+    from clerf.config import AugmentConfig
 
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         return adjust_hue(adjust_saturation(x, s).clamp_(0, 1), h).clamp_(0, 1)
 
     def full() -> torch.Tensor:
-        return photometric(x, DEFAULTS, torch.Generator(device=dev).manual_seed(1))
+        return photometric(x, asdict(AugmentConfig()), torch.Generator(device=dev).manual_seed(1))
 
     times: dict[str, list[float]] = {"yiq": [], "hsv": [], "photometric": []}
     for _ in range(args.rounds):

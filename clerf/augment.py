@@ -52,8 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clerf.config import AugmentConfig, check_augment
-from clerf.errors import ConfigError
+from clerf.config import AugmentConfig, section_config
 from clerf.geometry import hflip_rotation, inplane_image_matrix, rotate_inplane, vflip_rotation
 
 __all__ = [
@@ -65,12 +64,7 @@ __all__ = [
     "to_float_images",
     "photometric",
     "chroma_matrix",
-    "DEFAULTS",
 ]
-
-#: defaults: those of ``clerf.config.AugmentConfig`` (the one source)
-DEFAULTS: dict[str, Any] = asdict(AugmentConfig())
-
 
 @dataclass
 class GeometricParams:
@@ -260,8 +254,9 @@ class PoseAugment(nn.Module):
     """Geometric + photometric augmentation with exact labels; see the module docstring.
 
     Args:
-        cfg: an ``augment`` config section (``clerf.config.AugmentConfig``) or a dict; missing
-            keys take :data:`DEFAULTS`; a bad value is a ``ConfigError`` naming ``section.key``.
+        cfg: an ``augment`` config section, a :class:`clerf.config.AugmentConfig` or a dict;
+            missing keys take the dataclass's defaults; a bad key or value is a ``ConfigError``
+            naming ``section.key``.
         output_size: side of the square output images (the encoder's ``input_size``).
 
     Example:
@@ -273,21 +268,12 @@ class PoseAugment(nn.Module):
         ((4, 3, 32, 32), torch.float32, (4, 3, 3))
     """
 
-    def __init__(self, cfg: Mapping[str, Any] | None = None, output_size: int = 64,
-                 section: str = "augment") -> None:  # fmt: skip
+    def __init__(self, cfg: Mapping[str, Any] | AugmentConfig | None = None,
+                 output_size: int = 64, section: str = "augment") -> None:  # fmt: skip
         super().__init__()
-        merged = dict(DEFAULTS)
-        if cfg is not None:
-            unknown = set(cfg) - set(DEFAULTS)
-            if unknown:
-                raise ConfigError(f"{section}: unknown keys {sorted(unknown)}")
-            for k, v in cfg.items():
-                # OmegaConf ListConfig -> list; scalars as they are
-                merged[k] = list(v) if not isinstance(v, (str, bytes)) and hasattr(v, "__iter__") \
-                    else v
-        self.cfg = merged
+        #: the checked section as a plain dict (:func:`photometric` reads it)
+        self.cfg: dict[str, Any] = asdict(section_config(AugmentConfig, cfg, section))
         self.output_size = int(output_size)
-        check_augment(self.cfg, section)  # the config's own checks (ConfigError naming the key)
 
     # ----------------------------------------------------------------------- sampling
 

@@ -6,7 +6,9 @@ below (OmegaConf structured configs). An unknown key or a wrong type is a
 Overrides on the command line use dotted keys: ``train.lr=1e-4``.
 
 Each stage owns one section. Add a section as a dataclass here, with defaults that make sense on
-a 2-core CPU machine, and document it in the README's configuration table.
+a 2-core CPU machine, ``Literal[...]`` types for keys with a fixed set of values and a
+``validate(self, path)`` method for the other checks (``docs/components.md``), and document it in
+the README's configuration table.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -26,6 +28,40 @@ from clerf.geometry import HOPENET_BINS, PROTOCOL_MAX_ABS_ANGLE
 from clerf.registry import Registry, check_choices
 from clerf.registry import need as _need
 from clerf.versions import CONVENTIONS_VERSION, __version__
+
+# --------------------------------------------------------------------------- vocabularies
+
+# A section's string choices are the ``Literal`` types of its fields: OmegaConf checks them when a
+# config is loaded, the section's ``validate`` (:func:`clerf.registry.check_choices`) when it is
+# built in Python. A stage that needs the choices imports the type (``typing.get_args``).
+
+#: ``train.optimizer``
+Optimizer = Literal["adamw", "sgd"]
+#: ``train.schedule``: the learning-rate shape after warm-up
+Schedule = Literal["cosine", "linear", "constant"]
+#: ``train.mixed_precision`` (``no`` as accelerate spells it)
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+#: ``augment.padding``: what a warp fills outside the image with
+Padding = Literal["zeros", "border", "reflection"]
+#: ``evaluate.protocols``: the evaluation protocols (``clerf.evaluation.protocols``)
+EvaluateProtocol = Literal["standard", "rotated", "flipped", "lowres", "full_range"]
+#: ``finetune.out_of_range``: what happens to labels outside a binned head's bins
+OutOfRangePolicy = Literal["drop", "resample", "error"]
+#: ``prepare.resize``: how a crop becomes a square image (``clerf.data.crop.resize_square``)
+ResizeMode = Literal["center", "hopenet", "6drepnet", "stretch"]
+#: ``prepare.verify_images``: the image check of a dataset scan (``clerf.data.base``)
+VerifyMode = Literal["full", "header", "none"]
+#: ``prepare.biwi_signs`` and ``prepare.biwi_channels``: how a BIWI ``.npz`` is stored
+BiwiSigns = Literal["fsanet", "mirrored"]
+BiwiChannels = Literal["bgr", "rgb"]
+#: ``pretrain.loss.name``: the metric-learning loss (``clerf.losses``)
+LossName = Literal["circle", "triplet"]
+#: ``store.compression``: HDF5 compression of the stores (``triplets/store``)
+Compression = Literal["none", "lzf", "gzip"]
+#: ``triplets.negatives``: how negative rotations are drawn (``triplets.rules``)
+NegativeSampling = Literal["poses", "uniform"]
+#: ``pipeline.stages``: the stages ``clerf pipeline`` runs, in this order
+PipelineStage = Literal["generate", "pretrain", "finetune", "evaluate"]
 
 # --------------------------------------------------------------------------- schema sections
 
@@ -64,7 +100,7 @@ class TripletsConfig:
     delta: float = 30.0
     #: negative rotations: ``poses`` (the anchor sampler, rejection) or ``uniform`` (Haar
     #: measure restricted to >= delta from the anchor, sampled constructively)
-    negatives: str = "poses"
+    negatives: NegativeSampling = "poses"
     #: true: the negative shows the anchor's identity (hard negative); false: another identity
     hard_negatives: bool = True
     #: identities are drawn from [0, num_identities); at least 2 (the positive differs)
@@ -75,17 +111,25 @@ class TripletsConfig:
     #: negative), so a small labelled set still gives a pretraining budget of any size
     anchor_repeats: int = 1
 
+    def validate(self, path: str = "triplets") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
+
 
 @dataclass
 class StoreConfig:
     """How stores are laid out on disk (``triplets/SCHEMA.md``)."""
 
     #: ``none``, ``lzf`` or ``gzip``
-    compression: str = "none"
+    compression: Compression = "none"
     #: gzip level 1-9
     compression_level: int = 4
     #: images per HDF5 chunk, per commit and per render call (multiple of 3 for triplet stores)
     chunk_images: int = 96
+
+    def validate(self, path: str = "store") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
 
 
 @dataclass
@@ -176,7 +220,7 @@ class AugmentConfig:
     #: max translation as a fraction of the image size (label-preserving, small)
     translate: float = 0.04
     #: ``zeros``, ``border`` or ``reflection`` (reflection mirrors face parts: avoid)
-    padding: str = "zeros"
+    padding: Padding = "zeros"
     #: colour jitter strengths (factors sampled in [1 - s, 1 + s]; hue in [-h, h] of a turn)
     brightness: float = 0.3
     contrast: float = 0.3
@@ -190,6 +234,26 @@ class AugmentConfig:
     #: Gaussian noise std on [0, 1] images
     noise_std: float = 0.03
 
+    def validate(self, path: str = "augment") -> None:
+        """``ConfigError`` naming ``path.key`` (the choices again for configs built in Python)."""
+        check_choices(self, path)
+
+        def need(ok: bool, key: str, what: str) -> None:
+            _need(ok, f"{path}.{key}", what, getattr(self, key))
+
+        for key in ("p_inplane", "p_hflip", "p_vflip", "p_grayscale", "p_blur", "p_noise"):
+            need(0.0 <= float(getattr(self, key)) <= 1.0, key, "a probability in [0, 1]")
+        need(0.0 <= float(self.inplane_deg) <= 180.0, "inplane_deg", "0..180")
+        lo, hi = (float(v) for v in self.scale)
+        need(0 < lo <= hi, "scale", "[low, high] with 0 < low <= high")
+        need(0.0 <= float(self.translate) <= 0.5, "translate", "0..0.5")
+        for key in ("brightness", "contrast", "saturation"):
+            need(0.0 <= float(getattr(self, key)) < 1.0, key, "0 <= value < 1")
+        need(0.0 <= float(self.hue) <= 0.5, "hue", "0..0.5 (a fraction of a turn)")
+        slo, shi = (float(v) for v in self.blur_sigma)
+        need(0 < slo <= shi, "blur_sigma", "[low, high] > 0")
+        need(float(self.noise_std) >= 0, "noise_std", ">= 0")
+
 
 @dataclass
 class TrainConfig:
@@ -202,12 +266,12 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     #: ``adamw`` or ``sgd``
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9
     #: ``cosine``, ``linear`` or ``constant`` after warm-up
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     #: linear warm-up length in optimizer steps
     warmup_steps: int = 0
     #: the schedule decays to lr * min_lr_ratio
@@ -216,7 +280,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     #: ``auto`` (follow the launcher: ``accelerate launch --mixed_precision`` or its config
     #: file; ``no`` without one), or ``no``, ``fp16``, ``bf16``, which win over the launcher
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = "auto"
     #: force the CPU even when an accelerator is present
     cpu: bool = False
     num_workers: int = 0
@@ -239,14 +303,35 @@ class TrainConfig:
     channels_last: bool = False
     #: ``none``: weight decay on every parameter (the measured figures so far); ``norm_bias``:
     #: none on 1-D tensors (BatchNorm weights, biases; timm's ``param_groups_weight_decay``)
-    weight_decay_exempt: str = "none"
+    weight_decay_exempt: Literal["none", "norm_bias"] = "none"
     #: ``batch_size`` is per process, so the effective batch is batch_size x processes x
     #: grad_accum: ``linear`` multiplies ``lr`` by the number of processes (the linear scaling
     #: rule), ``none`` keeps it as written
-    lr_scaling: str = "none"
+    lr_scaling: Literal["none", "linear"] = "none"
     #: BatchNorm statistics over all processes (SyncBatchNorm; CUDA/NCCL only) when there are
     #: several: contrastive ``gather_distributed`` then compares embeddings normalised alike
     sync_batchnorm: bool = False
+
+    def validate(self, path: str = "train") -> None:
+        """``ConfigError`` naming ``path.key`` (the choices again for configs built in Python)."""
+        check_choices(self, path)
+
+        def need(ok: bool, key: str, what: str) -> None:
+            _need(ok, f"{path}.{key}", what, getattr(self, key))
+
+        need(self.epochs >= 1 or self.max_steps >= 1, "epochs",
+             "an integer >= 1 (or max_steps >= 1)")  # fmt: skip
+        need(self.max_steps >= 0, "max_steps", "an integer >= 0")
+        need(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self.grad_accum >= 1, "grad_accum", "an integer >= 1")
+        need(self.lr > 0, "lr", "a positive number")
+        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
+        need(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+        need(self.checkpoint_epochs >= 0, "checkpoint_epochs", "an integer >= 0")
 
 
 @dataclass
@@ -254,14 +339,14 @@ class LossConfig:
     """Metric-learning loss and the pose-based pair labelling (``clerf.losses``)."""
 
     #: ``circle`` (pytorch-metric-learning CircleLoss) or ``triplet`` (TripletMarginLoss)
-    name: str = "circle"
+    name: LossName = "circle"
     #: CircleLoss margin m and scale gamma
     m: float = 0.25
     gamma: float = 64.0
     #: TripletMarginLoss margin
     margin: float = 0.2
     #: ``auto`` (circle: avg_nonzero, triplet: mean), ``mean`` or ``avg_nonzero``
-    reducer: str = "auto"
+    reducer: Literal["auto", "mean", "avg_nonzero"] = "auto"
     #: pairs within eps deg (geodesic, composed rotations) are positives
     eps_deg: float = 5.0
     #: pairs beyond delta deg are negatives; in between: ignored
@@ -272,6 +357,10 @@ class LossConfig:
     gather_distributed: bool = False
     #: cap on triplets for the triplet loss (random subset; 0 = all)
     max_triplets: int = 20000
+
+    def validate(self, path: str = "loss") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
 
 
 @dataclass
@@ -420,7 +509,7 @@ class FinetuneConfig:
     #: binned heads only: labels outside the bins after augmentation are ``drop``-ped from the
     #: loss, ``resample``-d (augmentation redrawn up to ``resample_tries`` times, then dropped), or
     #: an ``error``; dropped and resampled samples are counted in the logs
-    out_of_range: str = "drop"
+    out_of_range: OutOfRangePolicy = "drop"
     resample_tries: int = 3
     #: render the training images on the fly instead of reading ``train_store``
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -434,6 +523,27 @@ class FinetuneConfig:
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(inplane_deg=30.0))
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self, path: str = "finetune") -> None:
+        """The section's own keys (its ``stream``, ``augment`` and ``train`` check themselves):
+        ``ConfigError`` naming ``path.key``."""
+        import math
+
+        check_choices(self, path)
+
+        def need(ok: bool, key: str, what: str) -> None:
+            _need(ok, f"{path}.{key}", what, getattr(self, key))
+
+        need(self.resample_tries >= 0, "resample_tries", "an integer >= 0")
+        need(self.probe_epochs >= 0, "probe_epochs", "an integer >= 0")
+        need(0.0 <= self.val_fraction < 1.0, "val_fraction", "a number in [0, 1)")
+        need(self.val_max_images >= 0, "val_max_images", "an integer >= 0")
+        for key in ("encoder_lr_scale", "head_lr_scale"):
+            value = float(getattr(self, key))
+            need(math.isfinite(value) and value >= 0, key, "a number >= 0")
+        need(self.mix_generated >= 0, "mix_generated", "an integer >= 0")
+        need(not (self.mix_generated and self.stream.enabled), "mix_generated",
+             "0 when finetune.stream.enabled is true (the whole batch is generated then)")
+
 
 @dataclass
 class PrepareConfig:
@@ -444,7 +554,7 @@ class PrepareConfig:
     #: dataset directory (300W-LP, AFLW2000, Pointing'04) or ``.npz`` file (BIWI)
     root: str = ""
     #: ``train`` or ``test``; "" = the dataset's usual role (300W-LP train, others test)
-    split: str = ""
+    split: Literal["", "train", "test"] = ""
     #: crop preset (``hopenet_train``, ``hopenet_test``, ``hopenet_test_corrected``,
     #: ``train_rule_k02``, ``pointing04_box``, ``none``); "" = the split's preset (train:
     #: hopenet_train, test: hopenet_test, the peers' exact crop; BIWI: none; Pointing'04:
@@ -454,7 +564,7 @@ class PrepareConfig:
     resolution: int = 64
     #: ``center`` = ``hopenet`` (torchvision Resize(r) + CenterCrop(r), HopeNet's test
     #: transform), ``6drepnet`` (Resize(r*256/224) + CenterCrop(r), 6DRepNet's) or ``stretch``
-    resize: str = "center"
+    resize: ResizeMode = "center"
     #: protocol filter: keep samples with all |angles| <= this (deg); null = keep all
     #: (Pointing'04 keeps all 93 poses unless this is changed from 99)
     max_abs_angle: float | None = PROTOCOL_MAX_ABS_ANGLE
@@ -465,27 +575,39 @@ class PrepareConfig:
     skip_bad: bool = False
     #: image check during the scan: ``header`` (header + JPEG end marker), ``full`` (decode),
     #: ``none``
-    verify_images: str = "header"
+    verify_images: VerifyMode = "header"
     #: 300W-LP subset folders to read (empty = all eight); Pointing'04: people, as ``train``
     #: (1-10), ``val`` (11-12), ``test`` (13-15) or ``Person01`` ... (empty = all 15)
     subsets: list[str] = field(default_factory=list)
     #: BIWI .npz label signs: ``fsanet`` (300W-LP semantics) or ``mirrored``
-    biwi_signs: str = "fsanet"
+    biwi_signs: BiwiSigns = "fsanet"
     #: BIWI .npz channel order as stored: ``bgr`` (FSA-Net's files) or ``rgb``
-    biwi_channels: str = "bgr"
+    biwi_channels: BiwiChannels = "bgr"
     #: images decoded in parallel by this many worker processes (0 = in this process)
     workers: int = 0
     #: a label budget: keep only this many of the kept images, spread evenly over identities,
     #: chosen with ``seed`` (0 = all)
     max_images: int = 0
 
+    def validate(self, path: str = "prepare") -> None:
+        """``ConfigError`` naming ``path.key``; which dataset and root are checked when
+        ``clerf prepare`` runs (a config needs none)."""
+        check_choices(self, path)
+
+        def need(ok: bool, key: str, what: str) -> None:
+            _need(ok, f"{path}.{key}", what, getattr(self, key))
+
+        need(self.resolution > 0, "resolution", "a positive integer")
+        need(self.workers >= 0, "workers", "an integer >= 0")
+        need(self.max_images >= 0, "max_images", "an integer >= 0 (0 = all)")
+
 
 @dataclass
 class EvaluateConfig:
     """Evaluation protocols and report (``clerf evaluate``, ``clerf.evaluation``)."""
 
-    #: any of ``standard``, ``rotated``, ``flipped``, ``full_range``
-    protocols: list[str] = field(default_factory=lambda: ["standard"])
+    #: any of ``standard``, ``rotated``, ``flipped``, ``lowres``, ``full_range``
+    protocols: list[EvaluateProtocol] = field(default_factory=lambda: ["standard"])
     #: in-plane sweep of the rotated protocol, degrees clockwise on screen
     rotated_angles: list[float] = field(
         default_factory=lambda: [-90.0, -60.0, -30.0, -15.0, 15.0, 30.0, 60.0, 90.0, 180.0]
@@ -512,13 +634,28 @@ class EvaluateConfig:
     #: force the CPU even when an accelerator is present
     cpu: bool = False
 
+    def validate(self, path: str = "evaluate") -> None:
+        """``ConfigError`` naming ``path.key`` (the protocols again for configs built in
+        Python)."""
+        check_choices(self, path)
+
+        def need(ok: bool, key: str, what: str) -> None:
+            _need(ok, f"{path}.{key}", what, getattr(self, key))
+
+        need(self.batch_size > 0, "batch_size", "an integer > 0")
+        need(len(self.protocols) > 0, "protocols", "at least one protocol")
+        need(len(set(self.protocols)) == len(self.protocols), "protocols", "no duplicates")
+        need(0 < self.euler_range_deg <= 180, "euler_range_deg", "a number in (0, 180]")
+        need(self.model_batch > 0, "model_batch", "an integer > 0")
+        need(self.max_samples >= 0, "max_samples", "an integer >= 0")
+
 
 @dataclass
 class PipelineConfig:
     """``clerf pipeline``: which stages run and how the held-out set is made."""
 
     #: stages in order; a subset skips the others (e.g. no ``pretrain``: a fresh encoder)
-    stages: list[str] = field(
+    stages: list[PipelineStage] = field(
         default_factory=lambda: ["generate", "pretrain", "finetune", "evaluate"]
     )
     #: triplets rendered for the held-out set (3 images each)
@@ -533,6 +670,10 @@ class PipelineConfig:
     val_seed_offset: int = 2000
     #: where the stores go (default ``OUT/data``); share it between runs that use the same data
     data_dir: str = ""
+
+    def validate(self, path: str = "pipeline") -> None:
+        """The ``Literal`` choices (for a section built in Python; OmegaConf checks loaded ones)."""
+        check_choices(self, path)
 
 
 @dataclass
@@ -556,142 +697,43 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- checks
 
 
-#: enumerated values of the config (one definition; the stages read them from here)
-MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-LR_SCALINGS = ("none", "linear")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
-PADDINGS = ("zeros", "border", "reflection")
-EVALUATE_PROTOCOLS = ("standard", "rotated", "flipped", "lowres", "full_range")
-OUT_OF_RANGE_POLICIES = ("drop", "resample", "error")
-RESIZE_MODES = ("center", "hopenet", "6drepnet", "stretch")
-
-
-def check_train(tc: Any, path: str = "train") -> None:
-    """A ``train`` section (:class:`TrainConfig`); errors name ``path.key``."""
-
-    def need(ok: bool, key: str, what: str) -> None:
-        _need(ok, f"{path}.{key}", what, tc[key])
-
-    need(tc["epochs"] >= 1 or tc["max_steps"] >= 1, "epochs",
-         "an integer >= 1 (or max_steps >= 1)")  # fmt: skip
-    need(tc["max_steps"] >= 0, "max_steps", "an integer >= 0")
-    need(tc["batch_size"] >= 1, "batch_size", "an integer >= 1")
-    need(tc["grad_accum"] >= 1, "grad_accum", "an integer >= 1")
-    need(tc["lr"] > 0, "lr", "a positive number")
-    need(tc["weight_decay"] >= 0, "weight_decay", "a number >= 0")
-    need(tc["warmup_steps"] >= 0, "warmup_steps", "an integer >= 0")
-    need(0 <= tc["min_lr_ratio"] <= 1, "min_lr_ratio", "a number in [0, 1]")
-    need(tc["mixed_precision"] in MIXED_PRECISIONS, "mixed_precision",
-         "'auto', 'no', 'fp16' or 'bf16'")
-    need(tc["optimizer"] in OPTIMIZERS, "optimizer", "'adamw' or 'sgd'")
-    need(tc["lr_scaling"] in LR_SCALINGS, "lr_scaling", "'none' or 'linear'")
-    need(tc["weight_decay_exempt"] in ("none", "norm_bias"), "weight_decay_exempt",
-         "'none' or 'norm_bias'")
-    need(tc["schedule"] in SCHEDULES, "schedule", "'cosine', 'linear' or 'constant'")
-    need(tc["keep_checkpoints"] >= 1, "keep_checkpoints", "an integer >= 1")
-    need(tc["num_workers"] >= 0, "num_workers", "an integer >= 0")
-    need(tc["checkpoint_every"] >= 0, "checkpoint_every", "an integer >= 0")
-    need(tc["checkpoint_epochs"] >= 0, "checkpoint_epochs", "an integer >= 0")
-
-
-def check_augment(c: Any, path: str = "augment") -> None:
-    """An ``augment`` section (:class:`AugmentConfig`, or a dict with all its keys)."""
-
-    def need(ok: bool, key: str, what: str) -> None:
-        _need(ok, f"{path}.{key}", what, c[key])
-
-    for key in ("p_inplane", "p_hflip", "p_vflip", "p_grayscale", "p_blur", "p_noise"):
-        need(0.0 <= float(c[key]) <= 1.0, key, "a probability in [0, 1]")
-    need(0.0 <= float(c["inplane_deg"]) <= 180.0, "inplane_deg", "0..180")
-    lo, hi = (float(v) for v in c["scale"])
-    need(0 < lo <= hi, "scale", "[low, high] with 0 < low <= high")
-    need(0.0 <= float(c["translate"]) <= 0.5, "translate", "0..0.5")
-    need(c["padding"] in PADDINGS, "padding", f"one of {PADDINGS}")
-    for key in ("brightness", "contrast", "saturation"):
-        need(0.0 <= float(c[key]) < 1.0, key, "0 <= value < 1")
-    need(0.0 <= float(c["hue"]) <= 0.5, "hue", "0..0.5 (a fraction of a turn)")
-    slo, shi = (float(v) for v in c["blur_sigma"])
-    need(0 < slo <= shi, "blur_sigma", "[low, high] > 0")
-    need(float(c["noise_std"]) >= 0, "noise_std", ">= 0")
-
-
-def check_evaluate(e: Any, path: str = "evaluate") -> None:
-    """An ``evaluate`` section (:class:`EvaluateConfig`)."""
-
-    def need(ok: bool, key: str, what: str) -> None:
-        _need(ok, f"{path}.{key}", what, e[key])
-
-    need(e["batch_size"] > 0, "batch_size", "an integer > 0")
-    need(len(e["protocols"]) > 0, "protocols", "at least one protocol")
-    for p in e["protocols"]:
-        if p not in EVALUATE_PROTOCOLS:
-            raise ConfigError(f"{path}.protocols: unknown protocol '{p}' "
-                              f"(known: {', '.join(EVALUATE_PROTOCOLS)})")  # fmt: skip
-    need(len(set(e["protocols"])) == len(e["protocols"]), "protocols", "no duplicates")
-    need(0 < e["euler_range_deg"] <= 180, "euler_range_deg", "a number in (0, 180]")
-    need(e["model_batch"] > 0, "model_batch", "an integer > 0")
-    need(e["max_samples"] >= 0, "max_samples", "an integer >= 0")
-
-
-def check_finetune(fc: Any, path: str = "finetune") -> None:
-    """The ``finetune`` section's own keys (:class:`FinetuneConfig`)."""
-    import math
-
-    def need(ok: bool, key: str, what: str) -> None:
-        _need(ok, f"{path}.{key}", what, fc[key])
-
-    need(fc["out_of_range"] in OUT_OF_RANGE_POLICIES, "out_of_range",
-         "one of " + ", ".join(OUT_OF_RANGE_POLICIES))  # fmt: skip
-    need(fc["resample_tries"] >= 0, "resample_tries", "an integer >= 0")
-    need(fc["probe_epochs"] >= 0, "probe_epochs", "an integer >= 0")
-    need(0.0 <= fc["val_fraction"] < 1.0, "val_fraction", "a number in [0, 1)")
-    need(fc["val_max_images"] >= 0, "val_max_images", "an integer >= 0")
-    for key in ("encoder_lr_scale", "head_lr_scale"):
-        need(math.isfinite(float(fc[key])) and fc[key] >= 0, key, "a number >= 0")
-    need(fc["mix_generated"] >= 0, "mix_generated", "an integer >= 0")
-    need(not (fc["mix_generated"] and fc["stream"]["enabled"]), "mix_generated",
-         "0 when finetune.stream.enabled is true (the whole batch is generated then)")
-
-
-def check_prepare(pc: Any, path: str = "prepare") -> None:
-    """The ``prepare`` section (:class:`PrepareConfig`); which dataset and root are checked when
-    ``clerf prepare`` runs (a config needs none)."""
-
-    def need(ok: bool, key: str, what: str) -> None:
-        _need(ok, f"{path}.{key}", what, pc[key])
-
-    need(pc["resolution"] > 0, "resolution", "a positive integer")
-    need(pc["resize"] in RESIZE_MODES, "resize", "one of " + ", ".join(RESIZE_MODES))
-    need(pc["split"] in ("", "train", "test"), "split", "train or test")
-    need(pc["workers"] >= 0, "workers", "an integer >= 0")
-    need(pc["max_images"] >= 0, "max_images", "an integer >= 0 (0 = all)")
-
-
-#: the checks of each section type, run wherever such a section appears
-SECTION_CHECKS = {TrainConfig: check_train, AugmentConfig: check_augment,
-                  EvaluateConfig: check_evaluate,
-                  FinetuneConfig: check_finetune, PrepareConfig: check_prepare}  # fmt: skip
-
-
 def check_config(cfg: DictConfig, path: str = "") -> None:
     """Run every section's checks with its dotted path (once, when a config is loaded or
-    derived; the stages rely on it): the checks of :data:`SECTION_CHECKS`, and the ``validate``
-    method of a component's own config (heads, bins)."""
+    derived; the stages rely on it): the ``validate`` method of each section's dataclass
+    (training, augmentation, heads, bins, ...)."""
 
     def walk(node: DictConfig, path: str) -> None:
         kind = OmegaConf.get_type(node)
-        check = SECTION_CHECKS.get(kind)  # type: ignore[arg-type]
-        if check is not None:
-            check(node, path or "config")
-        elif isinstance(kind, type) and callable(getattr(kind, "validate", None)):
-            OmegaConf.to_object(node).validate(path)  # type: ignore[union-attr]
+        if isinstance(kind, type) and callable(getattr(kind, "validate", None)):
+            OmegaConf.to_object(node).validate(path or "config")  # type: ignore[union-attr]
         for key in node:
             value = node._get_node(key)
             if isinstance(value, DictConfig):
                 walk(value, f"{path}.{key}" if path else str(key))
 
     walk(cfg, path)
+
+
+S = TypeVar("S")
+
+
+def section_config(cls: type[S], values: Any = None, path: str = "") -> S:
+    """A checked section, an instance of its dataclass ``cls``, from a config section (typed or
+    plain DictConfig), a mapping, an instance or None (the defaults): what a stage calls on a
+    section it is given (configs built in code; :func:`load_config` has checked the ones it
+    loaded). A bad key or value is a :class:`ConfigError` naming ``path.key``."""
+    path = path or cls.__name__
+    try:
+        node = OmegaConf.structured(cls)
+        if values is not None:
+            node = OmegaConf.merge(node, values)
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0].strip() if str(exc) else type(exc).__name__
+        if isinstance(exc, ConfigKeyError):
+            msg = f"unknown key ({msg})"
+        raise ConfigError(f"{path}.{getattr(exc, 'full_key', '') or ''}: {msg}") from exc
+    check_config(node, path)  # type: ignore[arg-type]
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- loading
@@ -765,6 +807,18 @@ def _load_chain(p: Path) -> list[tuple[Path, DictConfig]]:
         p = p.parent / base
 
 
+def _spell_no(source: DictConfig) -> DictConfig:
+    """``train.mixed_precision: no`` as meant: YAML (and a command-line override) reads a bare
+    ``no`` as false, but the value accelerate and its launcher flag spell ``no`` is meant."""
+    for name in list(source):
+        section = source._get_node(name)
+        train = section._get_node("train") if isinstance(section, DictConfig) else None
+        if isinstance(train, DictConfig) and train._get_node("mixed_precision") is not None \
+                and train._get_node("mixed_precision")._value() is False:  # fmt: skip
+            train.mixed_precision = "no"
+    return source
+
+
 def _head_type(source: DictConfig) -> Any:
     head = source.get("head") if isinstance(source, DictConfig) else None
     return head.get("type") if isinstance(head, DictConfig) else None
@@ -805,7 +859,7 @@ def structured(values: Mapping[str, Any] | None = None, schema: type = Experimen
     src = [("config", OmegaConf.create(dict(values)))]
     if "head" in cfg:
         src = _type_head(cfg, src)
-    return _merge(cfg, src[0][1], "config")
+    return _merge(cfg, _spell_no(src[0][1]), "config")
 
 
 def load_config(
@@ -840,16 +894,11 @@ def load_config(
     if "head" in cfg:
         sources = _type_head(cfg, sources)
     for source, loaded in sources:
-        cfg = _merge(cfg, loaded, source)
+        cfg = _merge(cfg, _spell_no(loaded), source)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, str(path or "config"))) from exc
-    for section in ("pretrain", "finetune"):
-        # YAML reads a bare `no` as false, which the str field then holds as "False": the
-        # value accelerate and its launcher flag spell `no` is meant
-        if str(cfg[section].train.mixed_precision) in ("False", "false"):
-            cfg[section].train.mixed_precision = "no"
     check_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -55,7 +55,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
-from clerf.config import OUT_OF_RANGE_POLICIES, check_finetune, head_config
+from clerf.config import FinetuneConfig, head_config, section_config
 from clerf.devices import is_main_process
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic
@@ -66,7 +66,6 @@ from clerf.training import StepContext, Task, fit
 __all__ = [
     "FinetuneTask",
     "run_finetune",
-    "OUT_OF_RANGE_POLICIES",
     "InMemoryLabelled",
     "crop_protocol",
     "evaluate_rotations",
@@ -385,7 +384,7 @@ class FinetuneTask(Task):
     @staticmethod
     def _validate(cfg: DictConfig) -> None:
         # the config's own checks (load_config ran them; configs built in code get them here)
-        check_finetune(cfg.finetune)
+        section_config(FinetuneConfig, cfg.finetune, "finetune")
         head_config(cfg.head)
 
     def _encoder_spec(self) -> EncoderSpec:

@@ -41,11 +41,12 @@ size and adds no negatives to locally formed tuples).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
+from clerf.config import LossName
 from clerf.geometry import geodesic_distance
 
 __all__ = [
@@ -58,7 +59,8 @@ __all__ = [
     "build_loss",
 ]
 
-LOSS_NAMES = ("circle", "triplet")
+#: the ``loss.name`` choices (:data:`clerf.config.LossName`)
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 
 
 def pair_labels(

@@ -24,15 +24,18 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
 from clerf.config import (
     DISPLAY_KEYS,
+    EvaluateConfig,
+    PipelineStage,
     comparable,
     first_difference,
     save_resolved,
+    section_config,
     structured,
     to_dict,
 )
@@ -41,7 +44,8 @@ from clerf.errors import ConfigError, DataError
 
 __all__ = ["STAGES", "run_pipeline", "stage_configs"]
 
-STAGES = ("generate", "pretrain", "finetune", "evaluate")
+#: the stages in the order they run (:data:`clerf.config.PipelineStage`)
+STAGES: tuple[str, ...] = get_args(PipelineStage)
 
 
 def _derive(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
@@ -241,7 +245,7 @@ def _silent(message: str) -> None:
 
 def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
               log: Callable[[str], None]) -> dict[str, Any]:
-    from clerf.evaluation.evaluate import EvaluateOptions, run_evaluate
+    from clerf.evaluation.evaluate import run_evaluate
 
     directory: Path = sc["evaluate_dir"]
     model = sc["finetune_dir"] / "model"
@@ -257,7 +261,7 @@ def _evaluate(cfg: DictConfig, sc: dict[str, Any], progress: bool,
             return json.loads(report_file.read_text())
     t0 = time.perf_counter()
     log(f"[evaluate] {', '.join(cfg.evaluate.protocols)} on {sc['test_store']}")
-    opts = EvaluateOptions.from_config(cfg.evaluate)
+    opts = section_config(EvaluateConfig, cfg.evaluate, "evaluate")
     report = run_evaluate([str(model)], directory, data=str(sc["test_store"]), opts=opts,
                           names=[str(cfg.name)], cfg=cfg)
     if is_main_process():

@@ -141,15 +141,21 @@ class Registry(Generic[T]):
 
 
 def check_choices(obj: Any, path: str) -> None:
-    """Each ``Literal[...]`` field of a config dataclass holds one of its values (OmegaConf checks
-    this on merge; a config built in Python gets it here), else ``ConfigError`` naming the key."""
+    """Each ``Literal[...]`` field of a config dataclass holds one of its values, and each item
+    of a ``list[Literal[...]]`` field (OmegaConf checks this on merge; a config built in Python
+    gets it here), else ``ConfigError`` naming the key."""
     import typing
 
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        hint = hints.get(f.name)
+        hint, value = hints.get(f.name), getattr(obj, f.name)
+        key = f"{path}.{f.name}"
+        if typing.get_origin(hint) is list:
+            (hint,) = typing.get_args(hint) or (None,)
+            values = list(value)
+        else:
+            values = [value]
         if typing.get_origin(hint) is typing.Literal:
             choices = typing.get_args(hint)
-            value = getattr(obj, f.name)
-            need(value in choices, f"{path}.{f.name}", "one of " + ", ".join(map(str, choices)),
-                 value)  # fmt: skip
+            for v in values:
+                need(v in choices, key, "one of " + ", ".join(map(str, choices)), v)

@@ -54,7 +54,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -68,12 +68,14 @@ from clerf.checkpoint import (
     save_checkpoint,
 )
 from clerf.config import (
-    check_train,
+    Schedule,
+    TrainConfig,
     comparable,
     config_differences,
     effective_mixed_precision,
     provenance,
     save_resolved,
+    section_config,
     to_dict,
 )
 from clerf.errors import ConfigError, DataError, TrainingDiverged
@@ -272,17 +274,16 @@ def build_optimizer(groups: list[dict[str, Any]], train_cfg: DictConfig,
 
 
 def lr_lambda(
-    total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", min_ratio: float = 0.0
+    total_steps: int, warmup_steps: int = 0, schedule: Schedule = "cosine", min_ratio: float = 0.0
 ):
     """Multiplier of the base lr at optimizer step ``s`` (0-based), as a function.
 
     Linear warm-up from ``1 / (warmup + 1)`` to 1 over ``warmup_steps``, then ``cosine`` /
     ``linear`` decay to ``min_ratio`` at ``total_steps`` (or ``constant``).
     """
-    if schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(
-            f"train.schedule: expected 'cosine', 'linear' or 'constant', got '{schedule}'"
-        )
+    if schedule not in get_args(Schedule):
+        raise ConfigError(f"train.schedule: expected one of {', '.join(get_args(Schedule))}, "
+                          f"got '{schedule}'")  # fmt: skip
     total = max(int(total_steps), 1)
     warm = max(int(warmup_steps), 0)
 
@@ -557,7 +558,7 @@ class Trainer:
             raise ConfigError(f"training: config has no '{section}.train' section")
         self.task, self.cfg, self.section = task, cfg, section
         self.tc = tc = cfg[section].train
-        check_train(tc, f"{section}.train")  # as load_config does (derived configs too)
+        section_config(TrainConfig, tc, f"{section}.train")  # as load_config does (derived too)
         self.out = out = Path(out)
         self.trackers = ["tensorboard"] if (tc.tensorboard and _tensorboard_available()) else None
         precision = _mixed_precision(tc, section)

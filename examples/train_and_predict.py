@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clerf.config import load_config
-from clerf.evaluation.evaluate import EvaluateOptions, run_evaluate
+from clerf.config import EvaluateConfig, load_config
+from clerf.evaluation.evaluate import run_evaluate
 from clerf.finetune import run_finetune
 from clerf.inference.detect import build_detector
 from clerf.inference.model import load_pose_model
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_finetune(fin, out / "finetune")
 
     # 4. Evaluation on the held-out identities: upright, rotated and flipped protocols.
-    opts = EvaluateOptions(protocols=["standard", "rotated", "flipped"], figures=False)
+    opts = EvaluateConfig(protocols=["standard", "rotated", "flipped"], figures=False)
     report = run_evaluate([str(out / "finetune")], out / "evaluate", data=str(out / "val.h5"),
                           opts=opts)  # fmt: skip
     for name, res in report["models"][0]["results"].items():

@@ -302,9 +302,3 @@ def test_framing_is_drawn_per_image_in_triplets():
     assert torch.equal(R[:, 0], R[:, 1])
     assert not torch.allclose(x[:, 0], x[:, 1])  # different framing although same picture
 
-
-def test_module_defaults_equal_the_config_defaults():
-    from clerf.augment import DEFAULTS
-    from clerf.config import load_config
-
-    assert dict(PoseAugment(load_config().pretrain.augment).cfg) == DEFAULTS

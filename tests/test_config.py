@@ -135,10 +135,13 @@ def test_first_difference_names_the_key_and_ignores_display_keys():
 
 @pytest.mark.parametrize("override, message", [
     ("finetune.train.lr=0", "finetune.train.lr: expected a positive number"),
-    ("pretrain.train.schedule=step", "pretrain.train.schedule: expected 'cosine'"),
+    ("pretrain.train.schedule=step",
+     r"key 'pretrain.train.schedule': Invalid value 'step', expected one of \['cosine'"),
     ("pretrain.augment.p_hflip=2", "pretrain.augment.p_hflip: expected a probability"),
-    ("finetune.augment.padding=wrap", "finetune.augment.padding: expected one of"),
-    ("evaluate.protocols=[fly]", "evaluate.protocols: unknown protocol 'fly'"),
+    ("finetune.augment.padding=wrap",
+     r"key 'finetune.augment.padding': Invalid value 'wrap', expected one of \['zeros'"),
+    ("evaluate.protocols=[fly]",
+     r"key 'evaluate.protocols\[0\]': Invalid value 'fly', expected one of \['standard'"),
     ("evaluate.model_batch=0", "evaluate.model_batch: expected an integer > 0"),
 ])  # fmt: skip
 def test_every_section_is_checked_once_when_loaded_naming_its_path(override, message):
@@ -176,9 +179,11 @@ def test_flags_are_thin_aliases_of_dotted_keys(tmp_path):
     ("head.bins.width=0", "head.bins: BinSpec needs width > 0"),
     ("head.loss=l1", r"key 'head.loss'.*the 'binned' head's keys: type, bins, alpha, decode"),
     ("head.decode=median", r"key 'head.decode': Invalid value 'median', expected one of"),
-    ("finetune.out_of_range=ignore", "finetune.out_of_range: expected one of drop"),
+    ("finetune.out_of_range=ignore",
+     r"key 'finetune.out_of_range': Invalid value 'ignore', expected one of \['drop'"),
     ("finetune.val_fraction=1.5", "finetune.val_fraction: expected a number in"),
-    ("prepare.resize=squash", "prepare.resize: expected one of center"),
+    ("prepare.resize=squash",
+     r"key 'prepare.resize': Invalid value 'squash', expected one of \['center'"),
     ("prepare.workers=-1", "prepare.workers: expected an integer >= 0"),
 ])  # fmt: skip
 def test_head_finetune_and_prepare_sections_are_checked_when_loaded(override, message):
@@ -189,3 +194,23 @@ def test_head_finetune_and_prepare_sections_are_checked_when_loaded(override, me
     if override == "head.loss=l1":  # the 6D head has a loss, and checks it
         with pytest.raises(ConfigError, match=r"key 'head.loss': Invalid value 'l1'"):
             load_config(None, ["head.type=rotation6d", override])
+
+
+def test_sections_built_in_python_are_checked_by_their_own_dataclass(tmp_path):
+    from clerf.config import AugmentConfig, EvaluateConfig, TrainConfig, section_config
+
+    with pytest.raises(ConfigError, match=r"finetune.train.schedule: expected one of cosine, "
+                                          r"linear, constant, got 'step'"):  # fmt: skip
+        TrainConfig(schedule="step").validate("finetune.train")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"evaluate.protocols: expected one of standard.*'fly'"):
+        EvaluateConfig(protocols=["standard", "fly"]).validate()  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match=r"pretrain.augment.nonsense: unknown key"):
+        section_config(AugmentConfig, {"nonsense": 1}, "pretrain.augment")
+    aug = section_config(AugmentConfig, {"p_hflip": 1.0}, "augment")
+    assert isinstance(aug, AugmentConfig) and aug.p_hflip == 1.0 and aug.padding == "zeros"
+    # YAML reads a bare `no` as false: the mixed_precision accelerate spells `no` is meant
+    cfg = load_config(_write(tmp_path, "finetune:\n  train:\n    mixed_precision: no\n"))
+    assert cfg.finetune.train.mixed_precision == "no"
+    from clerf.config import to_yaml
+
+    assert "mixed_precision: 'no'" in to_yaml(cfg)  # saved quoted: reloads as the string

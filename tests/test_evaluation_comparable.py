@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clerf.cli import main
-from clerf.evaluation.evaluate import EvaluateOptions, evaluate_predictor, peers_decoding
+from clerf.config import EvaluateConfig
+from clerf.evaluation.evaluate import evaluate_predictor, peers_decoding
 from clerf.evaluation.metrics import COMPARABLE_DEFINITION, comparable_euler_mae, peers_euler
 from clerf.evaluation.protocols import StoreSource
 from clerf.evaluation.report import markdown_report, published_comparison
@@ -118,7 +119,7 @@ def test_comparable_mae_equals_the_peers_arithmetic_with_yaw_beyond_90_and_missi
 
     source = StoreSource(out)
     summaries, samples = evaluate_predictor(_predict, ["standard"],
-                                            EvaluateOptions(model_batch=4), source, None)
+                                            EvaluateConfig(model_batch=4), source, None)
     s = summaries["standard"]["views"]["none"]
     got = s["euler_comparable"]
     want, n = _peers_mae(fx.root)
@@ -133,7 +134,7 @@ def test_comparable_mae_equals_the_peers_arithmetic_with_yaw_beyond_90_and_missi
     assert abs(folded["mean"] - want["mean"]) > 1.0
 
     # a binned head: the peers score its own angles (HopeNet), not the matrix's decomposition
-    bins, _ = evaluate_predictor(_predict_bins, ["standard"], EvaluateOptions(model_batch=4),
+    bins, _ = evaluate_predictor(_predict_bins, ["standard"], EvaluateConfig(model_batch=4),
                                  source, None, decoding="bins")
     got_b = bins["standard"]["views"]["none"]["euler_comparable"]
     want_b, _ = _peers_mae(fx.root, hopenet=True)
@@ -141,7 +142,7 @@ def test_comparable_mae_equals_the_peers_arithmetic_with_yaw_beyond_90_and_missi
         assert math.isclose(got_b[axis], want_b[axis], rel_tol=0, abs_tol=1e-6), (axis, got_b)
     assert got_b["decoding"].startswith("bins")
     as_matrix, _ = evaluate_predictor(_predict_bins, ["standard"],
-                                      EvaluateOptions(model_batch=4), source, None)
+                                      EvaluateConfig(model_batch=4), source, None)
     assert abs(as_matrix["standard"]["views"]["none"]["euler_comparable"]["mean"]
                - want_b["mean"]) > 1.0  # the matrix decoding would not reproduce HopeNet
 

@@ -13,8 +13,8 @@ import torch
 from fixtures_evaluation import save_tiny_model, tiny_model, write_store
 
 from clerf.cli import main
+from clerf.config import EvaluateConfig
 from clerf.evaluation.evaluate import (
-    EvaluateOptions,
     collect_errors,
     evaluate_predictor,
     run_evaluate,
@@ -57,7 +57,7 @@ def test_batch_size_and_order_do_not_change_the_report(assets):
     d, images, rotations = assets
     images, rotations = images[:20], rotations[:20]  # 3 model batches of 8, the last padded
     model = wrap_head_pose_model(tiny_model(seed=0))
-    opts = EvaluateOptions(protocols=["standard", "rotated", "flipped"],
+    opts = EvaluateConfig(protocols=["standard", "rotated", "flipped"],
                            rotated_angles=[30.0], model_batch=8)
     reports = []
     for bs in (1, 7, 64):
@@ -117,7 +117,7 @@ def test_identity_predictor_gives_the_label_angles(assets):
     module = torch.nn.Identity()
     ident = PoseModel(module, input_size=32,
                       rotation_fn=lambda m, x: torch.eye(3).expand(x.shape[0], 3, 3))
-    opts = EvaluateOptions(protocols=["standard", "rotated"], rotated_angles=[90.0],
+    opts = EvaluateConfig(protocols=["standard", "rotated"], rotated_angles=[90.0],
                            figures=False)
     rep, samples = evaluate_predictor(ident.predict_rotations, opts.protocols, opts,
                                       TensorSource(images, rotations), None)
@@ -133,7 +133,7 @@ def test_identity_predictor_gives_the_label_angles(assets):
 def test_stage_writes_a_report_comparing_models(assets, tmp_path):
     d, _, _ = assets
     report = run_evaluate([d / "model_a", d / "model_b"], tmp_path / "out", data=d / "data.h5",
-                          opts=EvaluateOptions(protocols=["standard", "full_range"],
+                          opts=EvaluateConfig(protocols=["standard", "full_range"],
                                                full_range_n=12))
     names = [m["name"] for m in report["models"]]
     assert names == ["model_a", "model_b"]
@@ -169,8 +169,8 @@ def test_cli_evaluate_and_its_errors(assets, tmp_path, capsys):
 
     model = str(d / "model_a")
     assert "need --data" in err([model, "--out", str(tmp_path / "x")])
-    assert "unknown protocol 'upside'" in err([model, "--data", str(d / "data.h5"), "--out",
-                                               str(tmp_path / "x"), "--protocol", "upside"])
+    assert "'evaluate.protocols[0]': Invalid value 'upside', expected one of" in err(
+        [model, "--data", str(d / "data.h5"), "--out", str(tmp_path / "x"), "--protocol", "upside"])
     missing = tmp_path / "nope"
     assert str(missing) in err([str(missing), "--data", str(d / "data.h5"), "--out",
                                 str(tmp_path / "x")])

@@ -401,7 +401,8 @@ def test_cli_errors_are_one_line(blob_store, tmp_path, capsys):
     cases = [
         (["finetune.train_store="], 2, "finetune.train_store: no store given"),
         ([f"finetune.train_store={tmp_path / 'missing.h5'}"], 1, "store not found"),
-        (["finetune.out_of_range=clip"], 2, "finetune.out_of_range: expected one of"),
+        (["finetune.out_of_range=clip"], 2,
+         "key 'finetune.out_of_range': Invalid value 'clip', expected one of"),
         (["finetune.train.batch_size=1000"], 1, "fewer than one batch"),
         ([f"finetune.encoder={tmp_path / 'noenc'}"], 1, "no such encoder directory"),
         (["finetune.bogus=1"], 2, "finetune.bogus"),

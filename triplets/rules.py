@@ -31,11 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
+from clerf.config import NegativeSampling
 from clerf.geometry import geodesic_distance, random_rotation_at_least
 from triplets.poses import PoseSampler, seeded_generator
 
@@ -121,7 +122,7 @@ class TripletRule:
                 f"triplets.delta = {self.delta} deg is impossible: two rotations are at most "
                 "180 deg apart (choose 0 <= delta <= 180)"
             )
-        if self.negatives not in ("poses", "uniform"):
+        if self.negatives not in get_args(NegativeSampling):
             raise ValueError(
                 f"triplets.negatives must be 'poses' or 'uniform', got '{self.negatives}'"
             )

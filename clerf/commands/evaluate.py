@@ -82,8 +82,8 @@ def register(subparsers, parents) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from clerf.config import load_config
-    from clerf.evaluation.evaluate import EvaluateOptions, run_evaluate
+    from clerf.config import EvaluateConfig, load_config, section_config
+    from clerf.evaluation.evaluate import run_evaluate
 
     if args.consistency:
         return run_consistency_command(args)
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_figures:
         values["evaluate.figures"] = False
     cfg = load_config(args.config, [*args.overrides, *bare], values=values)
-    opts = EvaluateOptions.from_config(cfg.evaluate)
+    opts = section_config(EvaluateConfig, cfg.evaluate, "evaluate")
     report = run_evaluate(models, args.out, data=args.data, opts=opts, names=args.name, cfg=cfg)
     if PartialState().is_main_process:
         for m in report["models"]:

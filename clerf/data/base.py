@@ -19,11 +19,12 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import numpy as np
 import torch
 
+from clerf.config import VerifyMode
 from clerf.errors import DataError
 from clerf.geometry import PROTOCOL_MAX_ABS_ANGLE, rotation_from_euler
 
@@ -146,7 +147,8 @@ def rotations_of(samples: list[RealSample], dtype: torch.dtype = torch.float32) 
     return rotation_from_euler(e[:, 0], e[:, 1], e[:, 2]).to(dtype)
 
 
-VERIFY_MODES = ("full", "header", "none")
+#: the ``verify_images`` choices (:data:`clerf.config.VerifyMode`)
+VERIFY_MODES: tuple[str, ...] = get_args(VerifyMode)
 
 
 def verify_image_file(path: Path, full: bool = True) -> None:

@@ -26,19 +26,21 @@ Channel order (``channels``): FSA-Net decoded the frames with ``cv2.imread``, so
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
+from clerf.config import BiwiChannels, BiwiSigns
 from clerf.data.base import RealDataset, RealSample, register_dataset
 from clerf.errors import DataError
 from clerf.geometry import hflip_euler, hflip_rotation
 
 __all__ = ["BIWI", "BIWI_SIGNS", "BIWI_CHANNELS", "biwi_rotation_from_raw"]
 
-BIWI_SIGNS = ("fsanet", "mirrored")
-BIWI_CHANNELS = ("bgr", "rgb")
+#: the ``prepare.biwi_signs`` and ``prepare.biwi_channels`` choices
+BIWI_SIGNS: tuple[str, ...] = get_args(BiwiSigns)
+BIWI_CHANNELS: tuple[str, ...] = get_args(BiwiChannels)
 
 
 def biwi_rotation_from_raw(M: torch.Tensor) -> torch.Tensor:

@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 
-from clerf.config import RESIZE_MODES
+from clerf.config import ResizeMode
 from clerf.errors import DataError
 
 __all__ = [
@@ -62,6 +63,9 @@ __all__ = [
     "RESIZE_MODES",
     "protocol_crop",
 ]
+
+#: the ``prepare.resize`` choices (:data:`clerf.config.ResizeMode`), for :func:`resize_square`
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 
 #: The value AFLW2000 stores for a landmark that was not annotated.
 MISSING_LANDMARK = -1.0
@@ -253,7 +257,8 @@ def resize_before_crop(resolution: int, mode: str) -> int:
     return int(round(r * 256 / 224)) if mode == "6drepnet" else r
 
 
-def resize_square(image: np.ndarray, resolution: int, mode: str = "center") -> np.ndarray:
+def resize_square(image: np.ndarray, resolution: int, mode: ResizeMode = "center"
+                  ) -> np.ndarray:  # fmt: skip
     """Resize an ``(H, W, 3)`` uint8 crop to ``(r, r, 3)`` with PIL bilinear interpolation.
 
     ``center``/``hopenet`` compute the sizes exactly as torchvision does for ``Resize(s)`` on a PIL

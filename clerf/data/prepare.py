@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from clerf.config import check_prepare, provenance
+from clerf.config import PrepareConfig, provenance, section_config
 from clerf.data.base import RealDataset, RealSample, ScanReport, dataset_class, rotations_of
 from clerf.data.crop import (
     CropPreset,
@@ -209,7 +209,7 @@ def run_prepare(
 
     pc = cfg.prepare
     out = Path(out)
-    check_prepare(pc)  # as load_config does (configs built in code get it here)
+    section_config(PrepareConfig, pc, "prepare")  # as load_config does (configs built in code)
     ds = build_dataset(pc)
     split = pc.split or ds.default_split
     try:

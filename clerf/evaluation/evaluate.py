@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clerf.config import EvaluateConfig, check_evaluate
+from clerf.config import EvaluateConfig
 from clerf.errors import ConfigError, DataError
 from clerf.evaluation.metrics import SampleErrors, compute_errors, merge, summarize
 from clerf.evaluation.protocols import (
@@ -39,7 +38,6 @@ from clerf.evaluation.protocols import (
 )
 
 __all__ = [
-    "EvaluateOptions",
     "Predictor",
     "collect_errors",
     "evaluate_predictor",
@@ -48,26 +46,6 @@ __all__ = [
 
 #: images ``(B, 3, H, W)`` float in [0, 1] on the model's device -> rotations ``(B, 3, 3)``
 Predictor = Callable[[Tensor], Tensor]
-
-
-@dataclass
-class EvaluateOptions(EvaluateConfig):
-    """What to evaluate and how: the ``evaluate`` config section (one schema,
-    :class:`clerf.config.EvaluateConfig`) plus its checks."""
-
-    @classmethod
-    def from_config(cls, section: Any) -> EvaluateOptions:
-        """From an ``evaluate`` config section (DictConfig or mapping)."""
-        from omegaconf import OmegaConf
-
-        d = OmegaConf.to_container(section, resolve=True) if not isinstance(section, dict) \
-            else dict(section)
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def check(self) -> None:
-        """The ``evaluate`` section's checks (:func:`clerf.config.check_evaluate`)."""
-        check_evaluate(asdict(self))
 
 
 # --------------------------------------------------------------------------- core loop
@@ -209,7 +187,7 @@ def summarize_protocol(
 def evaluate_predictor(
     predict: Predictor,
     protocols: Sequence[str],
-    opts: EvaluateOptions,
+    opts: EvaluateConfig,
     data: EvalSource | None,
     full_range: EvalSource | None,
     device: torch.device | str = "cpu",
@@ -279,7 +257,7 @@ def run_evaluate(
     models: Sequence[str],
     out: str | Path,
     data: str | Path | None = None,
-    opts: EvaluateOptions | None = None,
+    opts: EvaluateConfig | None = None,
     names: Sequence[str] | None = None,
     cfg: Any = None,
 ) -> dict[str, Any]:
@@ -289,7 +267,7 @@ def run_evaluate(
         models: saved model directories (``HeadPoseModel.save_pretrained``).
         out: output directory (created).
         data: labelled/triplet store for the standard, rotated and flipped protocols.
-        opts: protocols and options.
+        opts: protocols and options (the ``evaluate`` section; default: its defaults).
         names: display names of the models (default: their directory names).
         cfg: the resolved experiment config, for provenance.
 
@@ -304,8 +282,8 @@ def run_evaluate(
     from clerf.evaluation import report as report_mod
     from clerf.inference.model import load_pose_model
 
-    opts = opts or EvaluateOptions()
-    opts.check()
+    opts = opts if opts is not None else EvaluateConfig()
+    opts.validate("evaluate")
     if not models:
         raise ConfigError("give at least one MODEL directory")
     model_names = _model_names([str(m) for m in models], names)

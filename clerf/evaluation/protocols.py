@@ -30,14 +30,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from clerf.augment import GeometricParams, compose_rotation, warp_images
-from clerf.config import EVALUATE_PROTOCOLS, EvaluateConfig
+from clerf.config import EvaluateConfig, EvaluateProtocol
 from clerf.errors import ConfigError
 from clerf.geometry import check_rotation, random_rotation
 
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 #: protocol names accepted by ``--protocol``
-PROTOCOLS: tuple[str, ...] = EVALUATE_PROTOCOLS  # the config's enumeration
+PROTOCOLS: tuple[str, ...] = get_args(EvaluateProtocol)  # the config's choices
 #: the default in-plane sweep (degrees, clockwise on screen)
 DEFAULT_ROTATED_ANGLES: tuple[float, ...] = tuple(EvaluateConfig().rotated_angles)
 #: the down-sampling factors of the ``lowres`` protocol (HopeNet's Fig. 5: 1, 2, 3, 4, 6)

@@ -7,19 +7,20 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import h5py
 import numpy as np
 import torch
 
-from clerf.config import first_difference
+from clerf.config import Compression, first_difference
 
 SCHEMA_NAME = "clerf-store"
 SCHEMA_VERSION = 1
 #: ``shard`` files are the per-process parts of a distributed store; readers open the entry file.
 KINDS = ("triplets", "labelled", "shard")
-COMPRESSIONS = ("none", "lzf", "gzip")
+#: the ``store.compression`` choices (:data:`clerf.config.Compression`)
+COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 EULER_ORDER = "pitch,yaw,roll"
 DIGEST_BYTES = 16
 #: raw-data chunk cache per open dataset (bytes): holds several decompressed chunks so that a
