@@ -206,7 +206,8 @@ class FinetuneData:
 
     Training images come from ``train_data``, a stream (``finetune.stream``) or
     ``finetune.train_store``; held-out images from ``val_data``, the stream's own held-out
-    set, ``finetune.val_store`` or the last ``finetune.val_fraction`` of the training store.
+    set, ``finetune.val_store`` or the last ``finetune.val_fraction`` of the training store
+    (resolved by :mod:`clerf.data_sources`); the held-out set is capped at ``val_max_images``.
     """
 
     train: Any
@@ -243,7 +244,7 @@ class FinetuneTask(Task):
         train_data: optional dataset used instead of ``finetune.train_store`` (anything with
             ``__len__``, ``block_size`` and ``read_batch(indices)`` returning
             ``{"images": (B, 3, H, W) uint8, "rotations": (B, 3, 3)}``, e.g.
-            :class:`InMemoryLabelled`).
+            :class:`clerf.data_sources.InMemoryLabelled`).
         val_data: optional ``{"images", "rotations"}`` tensors instead of ``val_store`` /
             ``val_fraction``.
     """

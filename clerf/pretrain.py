@@ -112,11 +112,14 @@ class PretrainTask(Task):
 
     Args:
         cfg: the experiment config (sections ``encoder`` and ``pretrain`` are read).
-        train_data: optional dataset used instead of ``pretrain.train_store`` (anything with
-            ``__len__``, ``block_size`` and ``read_batch(indices)`` returning triplet batches,
-            e.g. :class:`InMemoryTriplets`); for tests and benchmarks.
+        train_data: optional source used instead of ``pretrain.train_store`` (a
+            ``triplets.store.DataSource`` of triplets, e.g.
+            :class:`clerf.data_sources.InMemoryTriplets`); for tests and benchmarks.
         val_data: optional ``{"images": (N, 3, H, W) uint8, "rotations": (N, 3, 3)}`` instead
             of ``pretrain.val_store``.
+
+    Both are resolved by :mod:`clerf.data_sources` (:func:`~clerf.data_sources.training_source`,
+    :func:`~clerf.data_sources.held_out_set`).
     """
 
     def __init__(self, cfg: DictConfig, train_data: Any = None,
