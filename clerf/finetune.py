@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
 from clerf.config import FinetuneConfig, head_config, section_config
-from clerf.devices import is_main_process
+from clerf.data_sources import InMemoryLabelled, held_out_set, training_source
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic
 from clerf.models.encoder import ENCODER_KIND, Encoder, EncoderSpec, build_encoder
@@ -66,7 +66,7 @@ from clerf.training import StepContext, Task, fit
 __all__ = [
     "FinetuneTask",
     "run_finetune",
-    "InMemoryLabelled",
+    "InMemoryLabelled",  # re-exported from clerf.data_sources
     "crop_protocol",
     "evaluate_rotations",
 ]
@@ -74,67 +74,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- data helpers
-
-
-class InMemoryLabelled:
-    """Labelled images held in tensors, with the reader interface of
-    ``triplets.store.LabelledDataset`` (``len``, ``block_size``, ``read_batch``).
-
-    ``images`` ``(N, 3, H, W)`` uint8, ``rotations`` ``(N, 3, 3)``.
-    """
-
-    block_size = 32
-
-    def __init__(self, images: Tensor, rotations: Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images (N, 3, H, W), got {tuple(images.shape)} "
-                             f"{images.dtype}")  # fmt: skip
-        if rotations.shape != (images.shape[0], 3, 3):
-            raise ValueError(f"expected rotations ({images.shape[0]}, 3, 3), got "
-                             f"{tuple(rotations.shape)}")  # fmt: skip
-        self.images, self.rotations = images, rotations.float()
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def read_batch(self, indices) -> dict[str, Tensor]:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return {"images": self.images[idx], "rotations": self.rotations[idx], "index": idx}
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": "in-memory tensors"}
-
-
-class _Prefix:
-    """The first ``n`` items of a labelled dataset (the rest is held out)."""
-
-    def __init__(self, dataset: Any, n: int) -> None:
-        self.dataset, self.n = dataset, int(n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def block_size(self) -> int:
-        return self.dataset.block_size
-
-    def read_batch(self, indices) -> dict[str, Tensor]:
-        return self.dataset.read_batch(indices)
-
-    def describe(self) -> dict[str, Any]:
-        return self.dataset.describe()
-
-
-def _open_labelled(path: str | None, key: str):
-    from triplets.store import LabelledDataset
-
-    if not path:
-        raise ConfigError(f"{key}: no store given (set {key}=PATH to a store from clerf prepare "
-                          "or clerf generate)")  # fmt: skip
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{key}: store not found: {p}")
-    return LabelledDataset(p)
 
 
 def crop_protocol(data_info: Mapping[str, Any]) -> dict[str, Any]:
@@ -266,7 +205,8 @@ class FinetuneData:
 
     Training images come from ``train_data``, a stream (``finetune.stream``) or
     ``finetune.train_store``; held-out images from ``val_data``, the stream's own held-out
-    set, ``finetune.val_store`` or the last ``finetune.val_fraction`` of the training store.
+    set, ``finetune.val_store`` or the last ``finetune.val_fraction`` of the training store
+    (resolved by :mod:`clerf.data_sources`); the held-out set is capped at ``val_max_images``.
     """
 
     train: Any
@@ -279,43 +219,13 @@ class FinetuneData:
     def from_config(cls, cfg: DictConfig, train_data: Any = None,
                     val_data: Mapping[str, Tensor] | None = None) -> FinetuneData:  # fmt: skip
         fc = cfg.finetune
+        # the held-out set comes from the stream only when training on the configured stream
         streaming = train_data is None and bool(fc.stream.enabled)
-        if streaming:
-            from clerf.streaming import build_stream
-
-            train_data = build_stream(cfg, "finetune")
-        elif train_data is None:
-            train_data = _open_labelled(fc.train_store, "finetune.train_store")
+        train_data = training_source(cfg, "finetune", train_data)
         info = train_data.describe()
+        val_data, train_data = held_out_set(cfg, "finetune", train_data, streaming=streaming,
+                                            val_data=val_data)  # fmt: skip
         cap = int(fc.val_max_images)
-        # The per-epoch evaluation runs on the main process only, so only it reads or renders
-        # the held-out set; every rank checks it (an error on one rank alone would hang the
-        # others).
-        main = is_main_process()
-        if val_data is None and streaming and not fc.val_store and int(fc.stream.val_size):
-            from clerf.streaming import held_out_labelled
-
-            if int(fc.stream.val_size) < 2:
-                raise ConfigError(f"finetune.stream.val_size: expected an integer >= 2, got "
-                                  f"{fc.stream.val_size}")  # fmt: skip
-            if main:
-                val_data = held_out_labelled(cfg, int(fc.stream.val_size),
-                                             int(fc.stream.val_seed_offset))  # fmt: skip
-        elif val_data is None and fc.val_store:
-            val_ds = _open_labelled(fc.val_store, "finetune.val_store")
-            span = _val_span(0, len(val_ds), cap)
-            val_data = val_ds.read_batch(span) if main else None
-        elif val_data is None and float(fc.val_fraction) > 0 and not streaming:
-            n = len(train_data)
-            n_val = int(round(n * float(fc.val_fraction)))
-            if n_val < 2 or n - n_val < 1:
-                raise DataError(
-                    f"finetune.val_fraction={fc.val_fraction} of {n} images leaves {n_val} "
-                    f"held-out and {n - n_val} training images; need at least 2 and 1"
-                )
-            span = _val_span(n - n_val, n, cap)
-            val_data = train_data.read_batch(span) if main else None
-            train_data = _Prefix(train_data, n - n_val)
         data = cls(train=train_data, info=info)
         if val_data is not None:
             cap = cap or val_data["images"].shape[0]
@@ -323,15 +233,6 @@ class FinetuneData:
             data.val_rotations = val_data["rotations"][:cap].float()
             data.chance_deg = chance_geodesic(data.val_rotations, max_n=2048)
         return data
-
-
-def _val_span(start: int, stop: int, cap: int) -> list[int]:
-    """The held-out rows (contiguous: one slice per chunk), at most ``cap``; at least 2."""
-    if cap:
-        stop = min(stop, start + cap)
-    if stop - start < 2:
-        raise DataError(f"finetune: the held-out set has {stop - start} image(s); need >= 2")
-    return list(range(start, stop))
 
 
 class FinetuneTask(Task):
@@ -342,7 +243,7 @@ class FinetuneTask(Task):
         train_data: optional dataset used instead of ``finetune.train_store`` (anything with
             ``__len__``, ``block_size`` and ``read_batch(indices)`` returning
             ``{"images": (B, 3, H, W) uint8, "rotations": (B, 3, 3)}``, e.g.
-            :class:`InMemoryLabelled`).
+            :class:`clerf.data_sources.InMemoryLabelled`).
         val_data: optional ``{"images", "rotations"}`` tensors instead of ``val_store`` /
             ``val_fraction``.
     """

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from clerf.augment import PoseAugment
-from clerf.devices import is_main_process
+from clerf.data_sources import InMemoryTriplets, held_out_set, training_source
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic, geodesic_distance
 from clerf.losses import build_loss
@@ -40,7 +40,14 @@ from clerf.models.encoder import Encoder, build_encoder
 from clerf.streaming import is_stream
 from clerf.training import StepContext, Task, fit
 
-__all__ = ["PretrainTask", "run_pretrain", "nn_pose_retrieval", "embed_images", "VAL_AUG_SEED"]
+__all__ = [
+    "PretrainTask",
+    "run_pretrain",
+    "nn_pose_retrieval",
+    "embed_images",
+    "VAL_AUG_SEED",
+    "InMemoryTriplets",  # re-exported from clerf.data_sources
+]
 
 #: seed of the fixed augmentation applied to the held-out images
 VAL_AUG_SEED = 20_241_203
@@ -100,25 +107,19 @@ class _Features(nn.Module):
         return self.encoder.features(images)
 
 
-def _check_store_path(value: str | None, key: str) -> Path:
-    if not value:
-        raise ConfigError(f"{key}: no store given (set {key}=PATH to a store from clerf generate)")
-    p = Path(value)
-    if not p.is_file():
-        raise DataError(f"{key}: store not found: {p}")
-    return p
-
-
 class PretrainTask(Task):
     """The contrastive stage as a :class:`clerf.training.Task`.
 
     Args:
         cfg: the experiment config (sections ``encoder`` and ``pretrain`` are read).
-        train_data: optional dataset used instead of ``pretrain.train_store`` (anything with
-            ``__len__``, ``block_size`` and ``read_batch(indices)`` returning triplet batches,
-            e.g. :class:`InMemoryTriplets`); for tests and benchmarks.
+        train_data: optional source used instead of ``pretrain.train_store`` (a
+            ``triplets.store.DataSource`` of triplets, e.g.
+            :class:`clerf.data_sources.InMemoryTriplets`); for tests and benchmarks.
         val_data: optional ``{"images": (N, 3, H, W) uint8, "rotations": (N, 3, 3)}`` instead
             of ``pretrain.val_store``.
+
+    Both are resolved by :mod:`clerf.data_sources` (:func:`~clerf.data_sources.training_source`,
+    :func:`~clerf.data_sources.held_out_set`).
     """
 
     def __init__(self, cfg: DictConfig, train_data: Any = None,
@@ -132,36 +133,10 @@ class PretrainTask(Task):
             self.loss = build_loss(pc.loss)
         except ValueError as exc:
             raise ConfigError(f"pretrain: {exc}") from exc
-        if train_data is None and pc.stream.enabled:
-            from clerf.streaming import build_stream
-
-            train_data = build_stream(cfg, "pretrain")
-        # The retrieval check runs on the main process only: only it reads or renders the
-        # held-out set (every rank checks its inputs, so that a bad one stops all of them).
-        main = is_main_process()
-        if val_data is None and pc.stream.enabled and not pc.val_store and int(pc.stream.val_size):
-            from clerf.streaming import held_out_labelled
-
-            if int(pc.stream.val_size) < 2:
-                raise ConfigError(f"pretrain.stream.val_size: expected an integer >= 2, got "
-                                  f"{pc.stream.val_size}")  # fmt: skip
-            if main:
-                val_data = held_out_labelled(cfg, int(pc.stream.val_size),
-                                             int(pc.stream.val_seed_offset), stage="pretrain")
-        if train_data is None:
-            from triplets.store import TripletDataset
-
-            train_data = TripletDataset(_check_store_path(pc.train_store, "pretrain.train_store"))
-        self.train_data = train_data
-        if val_data is None and pc.val_store:
-            from triplets.store import LabelledDataset
-
-            ds = LabelledDataset(_check_store_path(pc.val_store, "pretrain.val_store"))
-            n = min(int(pc.val_size), len(ds))
-            if n < 2:
-                raise DataError("pretrain.val_store: needs at least 2 images for the check")
-            if main:
-                val_data = ds.read_batch(list(range(n)))  # one contiguous read
+        # the held-out set comes from the stream whenever it is enabled, even for passed data
+        self.train_data = training_source(cfg, "pretrain", train_data)
+        val_data, _ = held_out_set(cfg, "pretrain", self.train_data,
+                                   streaming=bool(pc.stream.enabled), val_data=val_data)
         self.val_images, self.val_rotations = self._prepare_val(val_data)
 
     def _prepare_val(self, val: Mapping[str, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
@@ -236,33 +211,6 @@ class PretrainTask(Task):
             "seed": int(self.cfg.seed),
         }
         model.save_pretrained(out / "encoder", training=training)
-
-
-class InMemoryTriplets:
-    """Triplets held in tensors, with the reader interface of ``triplets.store.TripletDataset``.
-
-    ``images`` ``(T, 3, 3, H, W)`` uint8, ``rotations`` ``(T, 3, 3, 3)``.
-    """
-
-    block_size = 32
-
-    def __init__(self, images: Tensor, rotations: Tensor, identities: Tensor | None = None):
-        if images.ndim != 5 or images.shape[1:3] != (3, 3):
-            raise ValueError(f"expected images (T, 3, 3, H, W), got {tuple(images.shape)}")
-        self.images, self.rotations = images, rotations.float()
-        t = images.shape[0]
-        self.identities = identities if identities is not None else torch.zeros(t, 3).long()
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def read_batch(self, indices) -> dict[str, Tensor]:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return {"images": self.images[idx], "rotations": self.rotations[idx],
-                "identities": self.identities[idx], "index": idx}  # fmt: skip
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": "in-memory tensors"}
 
 
 def run_pretrain(cfg: DictConfig, out: str | Path, train_data: Any = None,

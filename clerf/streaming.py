@@ -204,17 +204,6 @@ class StreamBatchSampler(Sampler[list[int]]):
             yield list(range(g * b, (g + 1) * b))
 
 
-class _Batches(torch.utils.data.Dataset):
-    def __init__(self, source: Any) -> None:
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, ids: list[int]) -> dict[str, Tensor]:
-        return self.source.read_batch(ids)
-
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -250,9 +239,9 @@ def make_training_loader(
             f"{what}: {len(data)} samples per epoch are fewer than one batch "
             f"(train.batch_size={batch_size} x {world_size} process(es))"
         )
-    if not is_stream(data):
-        from triplets.store import make_loader
+    from triplets.store import BatchDataset, make_loader
 
+    if not is_stream(data):
         return make_loader(
             data, batch_size, shuffle=True, seed=seed, num_workers=num_workers, rank=rank,
             world_size=world_size, drop_last=True, pin_memory=pin_memory,
@@ -263,7 +252,7 @@ def make_training_loader(
         data.to(device)
     sampler = StreamBatchSampler(len(data), batch_size, rank=rank, world_size=world_size)
     return DataLoader(
-        _Batches(data), batch_size=None, sampler=sampler, num_workers=num_workers,
+        BatchDataset(data), batch_size=None, sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory and num_workers > 0, worker_init_fn=_worker_init,
         persistent_workers=False,
     )  # fmt: skip

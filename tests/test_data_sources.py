@@ -9,9 +9,8 @@ import torch
 
 from clerf.cli import main
 from clerf.config import load_config
-from clerf.finetune import InMemoryLabelled, _Prefix
+from clerf.data_sources import InMemoryLabelled, InMemoryTriplets, Prefix
 from clerf.geometry import random_rotation
-from clerf.pretrain import InMemoryTriplets
 from clerf.streaming import build_stream
 from triplets.store import DataSource, LabelledDataset, TripletDataset
 
@@ -40,7 +39,7 @@ def test_stores_memory_and_streams_are_data_sources(tmp_path):
     _check(LabelledDataset(store), triplets=False)
     R = random_rotation(8)
     _check(InMemoryLabelled(torch.zeros(8, 3, 16, 16, dtype=torch.uint8), R), triplets=False)
-    _check(_Prefix(InMemoryLabelled(torch.zeros(8, 3, 16, 16, dtype=torch.uint8), R), 4),
+    _check(Prefix(InMemoryLabelled(torch.zeros(8, 3, 16, 16, dtype=torch.uint8), R), 4),
            triplets=False)  # fmt: skip
     _check(InMemoryTriplets(torch.zeros(4, 3, 3, 16, 16, dtype=torch.uint8),
                             R[:4, None].expand(4, 3, 3, 3)), triplets=True)  # fmt: skip

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from triplets.store.entry import EntrySource, write_entry_file, write_virtual_entry
 from triplets.store.loader import (
+    BatchDataset,
     BlockBatchSampler,
     DataSource,
     LabelledDataset,
@@ -74,5 +75,6 @@ __all__ = [
     "TripletDataset",
     "LabelledDataset",
     "BlockBatchSampler",
+    "BatchDataset",
     "make_loader",
 ]

@@ -18,7 +18,7 @@ from triplets.store.reader import Store, open_store
 @runtime_checkable
 class DataSource(Protocol):
     """What the training stages read from: a store, tensors in memory or a stream from the
-    generator (``clerf/finetune.py``, ``clerf/pretrain.py``, ``clerf/streaming.py``).
+    generator (chosen in ``clerf/data_sources.py``; streams in ``clerf/streaming.py``).
 
     * ``len(source)``: the number of items: images for a labelled source, triplets for a triplet
       source (a stream: the samples of one epoch).
@@ -249,10 +249,17 @@ class BlockBatchSampler(Sampler[list[int]]):
         return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
 
 
-class _Batches(Dataset):
-    """Adapter: ``loader`` items are whole batches read by ``dataset.read_batch(indices)``."""
+class BatchDataset(Dataset):
+    """A source as a dataset whose items are whole batches: ``batches[indices]`` is
+    ``source.read_batch(indices)``. Give it to a ``DataLoader(batch_size=None)`` with a batch
+    sampler as ``sampler`` (:func:`make_loader` with :class:`BlockBatchSampler`; the streams of
+    ``clerf.streaming`` with theirs): one read per batch, in the main process or a worker.
 
-    def __init__(self, dataset: _StoreDataset) -> None:
+    Args:
+        dataset: any :class:`DataSource` (a store dataset, tensors in memory, a stream).
+    """
+
+    def __init__(self, dataset: DataSource) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -289,6 +296,6 @@ def make_loader(
         rank=rank, world_size=world_size, drop_last=drop_last, buffer_blocks=buffer_blocks,
     )
     return DataLoader(
-        _Batches(dataset), batch_size=None, sampler=sampler, num_workers=num_workers,
+        BatchDataset(dataset), batch_size=None, sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
     )
