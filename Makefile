@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup detect-extra test quickstart lint bench bench-gpu ablation real-study clean
+.PHONY: setup detect-extra test test-fast quickstart lint bench bench-gpu ablation real-study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: $(STAMP) $(DETECT_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# the tests not marked slow (minutes, not twenty): for the edit-test loop; CI runs `make test`
+test-fast: $(STAMP) $(DETECT_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "not slow"
 
 quickstart: $(STAMP)
 	$(BIN)/clerf pipeline configs/quickstart.yaml --out runs/quickstart
