@@ -8,7 +8,7 @@ Overrides on the command line use dotted keys: ``train.lr=1e-4``.
 Each stage owns one section. Add a section as a dataclass here, with defaults that make sense on
 a 2-core CPU machine, ``Literal[...]`` types for keys with a fixed set of values and a
 ``validate(self, path)`` method for the other checks (``docs/components.md``), and document it in
-the README's configuration table.
+docs/configuration.md.
 """
 
 from __future__ import annotations

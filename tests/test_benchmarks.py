@@ -141,3 +141,19 @@ def test_targets_and_value_formatting():
     text = ra.table([ra.Row("a", "b", 2.0, "x", ">= 3"), ra.Row("a", "c", 5.0, "ms")])
     assert re.search(r"\| a +\| b +\| +2\.00 \| x +\| >= 3 \(MISSED\) \|", text), text
     assert "(met)" not in ra.table([ra.Row("a", "b", 4.0, "x", ">= 3")], judge=False)
+
+
+def test_backbone_benchmark_prints_one_row_per_backbone():
+    """``benchmarks/bench_backbones.py`` (the images/s column of docs/components.md's backbone
+    table): one row per architecture with its pooled width and a positive training speed."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_backbones.py"), "--archs", "resnet18",
+         "repvgg_a0", "--size", "32", "--batch", "2", "--repeats", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "CPU capability" in proc.stdout
+    rows = {m.group(1): (int(m.group(2)), float(m.group(3))) for m in re.finditer(
+        r"^(\S+) +[\d.]+ +(\d+) +([\d.]+)$", proc.stdout, re.MULTILINE)}  # fmt: skip
+    assert set(rows) == {"resnet18", "repvgg_a0"}, proc.stdout
+    assert rows["resnet18"][0] == 512 and rows["repvgg_a0"][0] == 1280
+    assert all(speed > 0 for _, speed in rows.values())
