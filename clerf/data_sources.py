@@ -252,4 +252,5 @@ class Prefix:
         return self.dataset.read_batch(indices)
 
     def describe(self) -> dict[str, Any]:
-        return self.dataset.describe()
+        describe = getattr(self.dataset, "describe", None)  # a user's source may lack it
+        return dict(describe()) if callable(describe) else {"source": type(self.dataset).__name__}

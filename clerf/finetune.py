@@ -222,7 +222,10 @@ class FinetuneData:
         # the held-out set comes from the stream only when training on the configured stream
         streaming = train_data is None and bool(fc.stream.enabled)
         train_data = training_source(cfg, "finetune", train_data)
-        info = train_data.describe()
+        # a source of the user's own without describe() (the protocol's newest method) still
+        # trains: its crop is then unknown and inference says so
+        describe = getattr(train_data, "describe", None)
+        info = dict(describe()) if callable(describe) else {"source": type(train_data).__name__}
         val_data, train_data = held_out_set(cfg, "finetune", train_data, streaming=streaming,
                                             val_data=val_data)  # fmt: skip
         cap = int(fc.val_max_images)

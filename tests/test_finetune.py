@@ -307,6 +307,32 @@ def test_crop_protocol_of_the_training_data():
     assert "'from_the_future'" in unknown["crop_source"]
 
 
+
+def test_a_source_without_describe_still_trains_with_an_unknown_crop():
+    """A user's own source that predates ``describe()`` in the DataSource protocol: no
+    AttributeError; the saved crop protocol says the preset is unknown."""
+    from clerf.finetune import FinetuneTask, crop_protocol
+
+    R = random_rotation(8, generator=torch.Generator().manual_seed(0))
+    inner = InMemoryLabelled(axis_blobs(R, 32), R)
+
+    class OldSource:  # __len__ / block_size / read_batch only
+        block_size = inner.block_size
+
+        def __len__(self):
+            return len(inner)
+
+        def read_batch(self, ids):
+            return inner.read_batch(ids)
+
+    task = FinetuneTask(_cfg(), train_data=OldSource())
+    assert task.data_info == {"source": "OldSource"}
+    assert crop_protocol(task.data_info)["crop_preset"] is None
+    from clerf.data_sources import Prefix
+
+    assert Prefix(OldSource(), 4).describe() == {"source": "OldSource"}
+
+
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
