@@ -266,6 +266,12 @@ class FinetuneTask(Task):
         self.out_of_range = OutOfRangePolicy(str(fc.out_of_range), int(fc.resample_tries),
                                              self.augment)  # fmt: skip
         self.keep_frozen = tuple(str(p) for p in fc.freeze)
+        self.epoch_sizes = [int(v) for v in fc.get("epoch_sizes") or []]
+        if any(v > self.input_size for v in self.epoch_sizes):
+            raise ConfigError(
+                f"finetune.epoch_sizes: expected sizes up to the encoder's input_size "
+                f"{self.input_size}, got {self.epoch_sizes}"
+            )
         data = FinetuneData.from_config(cfg, train_data, val_data)
         self.train_data, self.data_info = data.train, data.info
         self.val_images, self.val_rotations = data.val_images, data.val_rotations
@@ -400,6 +406,8 @@ class FinetuneTask(Task):
         if n_out < 0:  # no redraw: the labels out of range are the dropped ones
             n_out = n_drop
         x, R_aug = self.augment(images, R, generator=ctx.generator, params=params)
+        if self.epoch_sizes:  # progressive resizing: this epoch's size (labels unchanged)
+            x = to_float_images(x, self.epoch_sizes[min(ctx.epoch, len(self.epoch_sizes) - 1)])
         if ctx.train_cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)

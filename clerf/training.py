@@ -264,12 +264,17 @@ def build_optimizer(groups: list[dict[str, Any]], train_cfg: DictConfig,
     if not torch_groups:
         raise ConfigError("training: the task has no trainable parameters")
     name = str(train_cfg.optimizer).lower()
+    # train.fused_optimizer: torch's fused kernel where torch has it for every parameter
+    fused = bool(train_cfg.get("fused_optimizer", False)) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+        for g in torch_groups for p in g["params"]) or None  # fmt: skip
     if name == "adamw":
-        return torch.optim.AdamW(torch_groups, lr=lr)
+        return torch.optim.AdamW(torch_groups, lr=lr, fused=fused)
     if name == "sgd":
         momentum = float(train_cfg.momentum)
         # Nesterov needs momentum: plain SGD at momentum 0 (torch refuses the combination)
-        return torch.optim.SGD(torch_groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        return torch.optim.SGD(torch_groups, lr=lr, momentum=momentum, nesterov=momentum > 0,
+                               fused=fused)  # fmt: skip
     raise ConfigError(f"train.optimizer: expected 'adamw' or 'sgd', got '{train_cfg.optimizer}'")
 
 

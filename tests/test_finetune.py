@@ -258,6 +258,42 @@ def test_bad_config_values_are_config_errors(override, message):
         FinetuneTask(_cfg(override), train_data=InMemoryLabelled(axis_blobs(R, 32), R))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("finetune.epoch_sizes=[32]", "finetune.epoch_sizes: expected one size per epoch"),
+    ("finetune.epoch_sizes=[16,32]", "finetune.epoch_sizes: expected sizes of at least 32"),
+    ("finetune.epoch_sizes=[32,48]", "finetune.epoch_sizes: expected sizes up to the encoder"),
+])  # fmt: skip
+def test_bad_epoch_sizes_are_config_errors(override, message):
+    # at load (the section's own checks) or when the task meets the encoder (its input_size)
+    R = random_rotation(32, torch.Generator().manual_seed(6))
+    with pytest.raises(ConfigError, match=message):
+        cfg = _cfg("finetune.train.epochs=2", override)
+        FinetuneTask(cfg, train_data=InMemoryLabelled(axis_blobs(R, 32), R))
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_size(monkeypatch, tmp_path):
+    # finetune.epoch_sizes: the network sees each epoch's size (antialiased resize of the
+    # augmented images), the labels are untouched, and the held-out evaluation uses input_size
+    seen: list[tuple[bool, int]] = []
+    forward = HeadPoseModel.forward
+
+    def spy(self, images):
+        seen.append((self.training, images.shape[-1]))
+        return forward(self, images)
+
+    monkeypatch.setattr(HeadPoseModel, "forward", spy)
+    g = torch.Generator().manual_seed(2)
+    R = random_rotation(64 + 16, g)
+    imgs = axis_blobs(R, 48)
+    cfg = _cfg("head.type=rotation6d", "finetune.train.epochs=3", "finetune.epoch_sizes=[32,40,48]",
+               "finetune.train.batch_size=32", *NO_AUG, size=48)  # fmt: skip
+    run_finetune(cfg, tmp_path / "run", train_data=InMemoryLabelled(imgs[:64], R[:64]),
+                 val_data={"images": imgs[64:], "rotations": R[64:]})  # fmt: skip
+    train_sizes = [s for training, s in seen if training]
+    assert train_sizes == [32, 32, 40, 40, 48, 48]
+    assert {s for training, s in seen if not training} == {48}
+
+
 # --------------------------------------------------------------------------- training runs
 
 

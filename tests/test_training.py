@@ -411,6 +411,35 @@ def test_weight_decay_exempt_norm_bias_follows_timms_rule():
     assert len(by_name["all_no_decay"]["params"]) == 4  # conv bias, BN weight and bias, fc bias
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_fused_optimizer_takes_the_same_steps_as_torchs_default(optimizer):
+    # train.fused_optimizer: torch's fused kernel on a CPU; oracle: the default (foreach) update
+    from clerf.training import build_optimizer
+
+    tc = _cfg(f"pretrain.train.optimizer={optimizer}", "pretrain.train.momentum=0.9",
+              "pretrain.train.fused_optimizer=true").pretrain.train
+    assert build_optimizer([{"params": [torch.nn.Parameter(torch.ones(2))]}],
+                           _cfg().pretrain.train).param_groups[0]["fused"] is None  # default
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 3)
+    b = torch.nn.Linear(8, 3)
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer([{"params": list(a.parameters())}], tc)
+    assert fused.param_groups[0]["fused"] is True
+    kind = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    extra = {} if optimizer == "adamw" else {"momentum": 0.9, "nesterov": True}
+    ref = kind(b.parameters(), lr=float(tc.lr), weight_decay=float(tc.weight_decay),
+               foreach=True, **extra)  # fmt: skip
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for m, opt in ((a, fused), (b, ref)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_syncs_per_call_counts_each_call_and_restores_the_method():
     from clerf.devices import SyncsPerCall
 
