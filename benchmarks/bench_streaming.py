@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _store(path: Path, cfg, n: int) -> Path:
-    from clerf.streaming import build_stream
+    from clerf.data_sources import stage_stream
     from triplets.store import StoreWriter
 
-    src = build_stream(cfg, "finetune")
+    src = stage_stream(cfg, "finetune")
     res = int(cfg.generator.resolution)
     with StoreWriter(path, "labelled", res, total=n, chunk=64) as w:
         for s, e in w.pending():
@@ -70,9 +70,10 @@ def _run(args: argparse.Namespace, tmp: Path) -> dict:
 
     from clerf.augment import to_float_images
     from clerf.config import load_config
+    from clerf.data_sources import stage_stream
     from clerf.models.encoder import build_encoder
     from clerf.models.pose_model import HeadPoseModel
-    from clerf.streaming import build_stream, make_training_loader
+    from clerf.streaming import make_training_loader
     from triplets.store import LabelledDataset
 
     dev = torch.device(args.device)
@@ -94,9 +95,9 @@ def _run(args: argparse.Namespace, tmp: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loaders = {
         "store": make_training_loader(LabelledDataset(store), args.batch, seed=0),
-        "stream": make_training_loader(build_stream(cfg, "finetune"), args.batch, seed=0,
+        "stream": make_training_loader(stage_stream(cfg, "finetune"), args.batch, seed=0,
                                        device=dev),  # fmt: skip
-        "stream_workers": make_training_loader(build_stream(cfg, "finetune"), args.batch,
+        "stream_workers": make_training_loader(stage_stream(cfg, "finetune"), args.batch,
                                                seed=0, num_workers=args.workers),  # fmt: skip
     }
     iters = {k: iter(v) for k, v in loaders.items()}

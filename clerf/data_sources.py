@@ -40,6 +40,7 @@ __all__ = [
     "STAGES",
     "check_store_path",
     "training_source",
+    "stage_stream",
     "held_out_set",
     "InMemorySource",
     "InMemoryTriplets",
@@ -85,13 +86,21 @@ def training_source(cfg: Any, stage: str, train_data: DataSource | None = None) 
     if train_data is not None:
         return train_data
     if sc.stream.enabled:
-        from clerf.streaming import build_stream
-
-        return build_stream(cfg, stage)
+        return stage_stream(cfg, stage)
     from triplets.store import LabelledDataset, TripletDataset
 
     dataset = TripletDataset if stage == "pretrain" else LabelledDataset
     return dataset(check_store_path(sc.train_store, f"{stage}.train_store", STAGES[stage]))
+
+
+def stage_stream(cfg: Any, stage: str) -> DataSource:
+    """The generator stream of ``stage`` (pretrain: triplets, finetune: labelled images), built
+    from the sections it reads: ``cfg[stage].stream``, ``generator``, ``triplets``, ``seed``."""
+    from clerf.streaming import build_stream
+
+    kind = "triplets" if _stage(stage) == "pretrain" else "labelled"
+    return build_stream(kind, stream=cfg[stage].stream, generator=cfg.generator,
+                        triplets=cfg.triplets, seed=int(cfg.seed))  # fmt: skip
 
 
 def held_out_set(cfg: Any, stage: str, train: DataSource, *, streaming: bool,
@@ -133,8 +142,9 @@ def held_out_set(cfg: Any, stage: str, train: DataSource, *, streaming: bool,
             return None, train
         from clerf.streaming import held_out_labelled
 
-        return held_out_labelled(cfg, int(sc.stream.val_size), int(sc.stream.val_seed_offset),
-                                 stage=stage), train  # fmt: skip
+        seed = int(cfg.seed) + int(sc.stream.val_seed_offset)
+        return held_out_labelled(int(sc.stream.val_size), seed, stream=sc.stream,
+                                 generator=cfg.generator, triplets=cfg.triplets), train
     if sc.val_store:
         from triplets.store import LabelledDataset
 

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from clerf.augment import GeometricParams, PoseAugment, compose_rotation, to_float_images
 from clerf.config import FinetuneConfig, head_config, section_config
-from clerf.data_sources import InMemoryLabelled, held_out_set, training_source
+from clerf.data_sources import InMemoryLabelled, held_out_set, stage_stream, training_source
 from clerf.errors import ConfigError, DataError
 from clerf.geometry import chance_geodesic
 from clerf.models.encoder import ENCODER_KIND, Encoder, EncoderSpec, build_encoder
@@ -278,9 +278,7 @@ class FinetuneTask(Task):
         self.chance_deg = data.chance_deg
         self.mix = None
         if int(fc.mix_generated):
-            from clerf.streaming import build_stream
-
-            self.mix = build_stream(cfg, "finetune")  # generated images to add to each batch
+            self.mix = stage_stream(cfg, "finetune")  # generated images added to each batch
             res = self.data_info.get("resolution")
             if res is not None and int(res) != int(cfg.generator.resolution):
                 raise ConfigError(

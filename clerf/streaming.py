@@ -25,12 +25,15 @@ renders on the CPU in DataLoader workers, overlapping with the training step.
 Validation and test sets are fixed held-out sets rendered by a generator with another seed
 (``seed + stream.val_seed_offset``: other identities) and other pose draws; see
 :func:`held_out_labelled`.
+
+The builders here take the sections they read (``stream``, ``generator``, ``triplets``) and the
+seed, never the whole experiment config; :mod:`clerf.data_sources` picks a stage's sections.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -45,6 +48,8 @@ __all__ = [
     "StreamBatchSampler",
     "build_stream",
     "held_out_labelled",
+    "stream_poses",
+    "StreamKind",
     "make_training_loader",
     "stage_loader",
     "is_stream",
@@ -54,25 +59,34 @@ __all__ = [
 #: evaluation's full-range set) use identities from 0, so even under an equal generator seed a
 #: training image never shows a held-out face
 STREAM_IDENTITY_BASE = 1 << 40
+#: what a stream yields: labelled images (fine-tuning) or triplets (pretraining)
+StreamKind = Literal["labelled", "triplets"]
 #: stream ids mixed into the seeds (independent of the triplet sampler's stream 1)
 _STREAM_LABELLED = 11
 _STREAM_HELD_OUT = 12
 
 
-def _build_generator(cfg: Any, seed: int, device: torch.device, stage: str | None = None):
-    from omegaconf import OmegaConf
-
+def _build_generator(generator: Any, seed: int, device: torch.device, extra_params: Any = None):
+    """The generator of a ``generator`` section (name, params) with ``extra_params`` (a stream's
+    ``generator_params``) on top."""
     from generators.base import build_generator
 
-    g = cfg.generator
-    params = dict(OmegaConf.to_container(g.params, resolve=True) or {})
-    if stage is not None:
-        params.update(OmegaConf.to_container(cfg[stage].stream.generator_params, resolve=True)
-                      or {})  # fmt: skip
+    params = dict(_container(generator.params))
+    params.update(_container(extra_params))
     try:
-        return build_generator(str(g.name), seed=int(seed), device=device, **params)
+        return build_generator(str(generator.name), seed=int(seed), device=device, **params)
     except ValueError as exc:
         raise ConfigError(f"generator: {exc}") from exc
+
+
+def _container(section: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if section is None:
+        return {}
+    if isinstance(section, DictConfig):
+        return dict(OmegaConf.to_container(section, resolve=True) or {})
+    return dict(section)
 
 
 class _Source:
@@ -258,39 +272,44 @@ def make_training_loader(
     )  # fmt: skip
 
 
-def _stream_triplets_cfg(cfg: Any, stage: str) -> Any:
-    """The ``triplets`` section with ``cfg[stage].stream.poses`` applied (when set)."""
+def stream_poses(triplets: Any, stream: Any) -> Any:
+    """The ``triplets`` section with the stream's ``poses`` applied (when set)."""
     from omegaconf import OmegaConf
 
-    poses = str(cfg[stage].stream.poses or "")
-    if not poses or poses == cfg.triplets.poses:
-        return cfg
-    merged = OmegaConf.merge(cfg, {"triplets": {"poses": poses}})
-    return merged
+    poses = str(stream.poses or "")
+    if not poses or poses == triplets.poses:
+        return triplets
+    return OmegaConf.merge(triplets, {"poses": poses})
 
 
-def build_stream(cfg: Any, stage: str) -> _Source:
-    """The stream of ``cfg[stage].stream`` (``stage``: ``pretrain`` -> triplets, ``finetune`` ->
-    labelled images) from the ``generator`` and ``triplets`` sections and ``seed``."""
+def build_stream(kind: StreamKind, *, stream: Any, generator: Any, triplets: Any,
+                 seed: int) -> _Source:  # fmt: skip
+    """The stream of ``kind`` (``labelled``: fine-tuning's images; ``triplets``: pretraining's)
+    from its sections: ``stream`` (a :class:`~clerf.config.StreamConfig`: ``poses``,
+    ``generator_params``, ``epoch_size``), ``generator`` (name, params, device, resolution),
+    ``triplets`` (the pose sampler, and the triplet rules of a triplet stream) and the
+    experiment's ``seed``. A stage's stream: :func:`clerf.data_sources.stage_stream`."""
     from triplets.poses import build_pose_sampler
 
-    sc = cfg[stage].stream
-    cfg = _stream_triplets_cfg(cfg, stage)
-    dev_name = str(cfg.generator.device)
-    gen = _build_generator(cfg, int(cfg.seed), resolve_device(dev_name, "generator.device"), stage)
-    res = int(cfg.generator.resolution)
-    if stage == "pretrain":
+    if kind not in get_args(StreamKind):
+        raise ValueError(f"build_stream: kind must be one of {get_args(StreamKind)}, got {kind!r}")
+    triplets = stream_poses(triplets, stream)
+    dev_name = str(generator.device)
+    gen = _build_generator(generator, int(seed), resolve_device(dev_name, "generator.device"),
+                           stream.generator_params)  # fmt: skip
+    res = int(generator.resolution)
+    if kind == "triplets":
         from triplets.generate import build_triplet_sampler
 
         accept = gen.reachable if type(gen).reachable is not _default_reachable() else None
-        src: _Source = StreamingTriplets(gen, build_triplet_sampler(cfg, accept=accept), res,
-                                         int(sc.epoch_size))  # fmt: skip
+        src: _Source = StreamingTriplets(gen, build_triplet_sampler(triplets, seed, accept=accept),
+                                         res, int(stream.epoch_size))  # fmt: skip
     else:
         try:
-            poses = build_pose_sampler(cfg.triplets)
+            poses = build_pose_sampler(triplets)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        src = StreamingLabelled(gen, poses, res, int(cfg.seed), int(sc.epoch_size))
+        src = StreamingLabelled(gen, poses, res, int(seed), int(stream.epoch_size))
     src.follow_device = dev_name == "auto"
     return src
 
@@ -301,27 +320,26 @@ def _default_reachable():
     return PoseGenerator.reachable
 
 
-def held_out_labelled(cfg: Any, n: int, seed_offset: int, batch: int = 128,
-                      stage: str = "finetune") -> Mapping[str, Tensor]:  # fmt: skip
-    """A fixed held-out labelled set rendered by the stream's generator (the ``generator``
-    section with ``cfg[stage].stream.generator_params``) with seed ``seed + seed_offset``
-    (other identities than training) and poses from the stream's sampler
-    (``cfg[stage].stream.poses`` or ``triplets.poses``) drawn from another stream:
-    ``{"images", "rotations"}`` on the CPU."""
+def held_out_labelled(n: int, seed: int, *, stream: Any, generator: Any, triplets: Any,
+                      batch: int = 128) -> Mapping[str, Tensor]:  # fmt: skip
+    """A fixed held-out labelled set of ``n`` images rendered by the stream's generator (the
+    ``generator`` section with ``stream.generator_params``) with ``seed`` (pass the
+    experiment's seed + ``stream.val_seed_offset``: other identities than training) and poses
+    from the stream's sampler (``stream.poses`` or ``triplets.poses``) drawn from another
+    stream: ``{"images", "rotations"}`` on the CPU."""
     from triplets.poses import build_pose_sampler, seeded_generator
 
-    cfg = _stream_triplets_cfg(cfg, stage)
+    triplets = stream_poses(triplets, stream)
     if n < 2:
         raise ConfigError(f"stream.val_size: expected an integer >= 2, got {n}")
-    seed = int(cfg.seed) + int(seed_offset)
-    device = resolve_device(str(cfg.generator.device), "generator.device")
-    gen = _build_generator(cfg, seed, device, stage)
+    device = resolve_device(str(generator.device), "generator.device")
+    gen = _build_generator(generator, int(seed), device, stream.generator_params)
     try:
-        poses = build_pose_sampler(cfg.triplets)
+        poses = build_pose_sampler(triplets)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    R = poses.sample(n, seeded_generator(seed, _STREAM_HELD_OUT)).to(torch.float32)
-    res = int(cfg.generator.resolution)
+    R = poses.sample(n, seeded_generator(int(seed), _STREAM_HELD_OUT)).to(torch.float32)
+    res = int(generator.resolution)
     images, rots = [], []
     for i in range(0, n, batch):
         ids = torch.arange(i, min(i + batch, n), dtype=torch.int64)

@@ -9,9 +9,8 @@ import torch
 
 from clerf.cli import main
 from clerf.config import load_config
-from clerf.data_sources import InMemoryLabelled, InMemoryTriplets, Prefix
+from clerf.data_sources import InMemoryLabelled, InMemoryTriplets, Prefix, stage_stream
 from clerf.geometry import random_rotation
-from clerf.streaming import build_stream
 from triplets.store import DataSource, LabelledDataset, TripletDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,5 +44,5 @@ def test_stores_memory_and_streams_are_data_sources(tmp_path):
                             R[:4, None].expand(4, 3, 3, 3)), triplets=True)  # fmt: skip
     cfg = load_config(None, ["generator.resolution=16", "finetune.stream.enabled=true",
                              "pretrain.stream.enabled=true", "generator.device=cpu"])  # fmt: skip
-    _check(build_stream(cfg, "finetune"), triplets=False)
-    _check(build_stream(cfg, "pretrain"), triplets=True)
+    _check(stage_stream(cfg, "finetune"), triplets=False)
+    _check(stage_stream(cfg, "pretrain"), triplets=True)

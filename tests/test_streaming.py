@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clerf.config import load_config
+from clerf.config import GeneratorConfig, StreamConfig, TripletsConfig, load_config
+from clerf.data_sources import stage_stream
 from clerf.finetune import FinetuneTask, run_finetune
 from clerf.geometry import is_rotation
 from clerf.pretrain import run_pretrain
@@ -72,7 +73,7 @@ def test_sampler_rejects_bad_rank():
 
 def test_labelled_batch_depends_only_on_its_ids():
     cfg = _ft_cfg()
-    a, b = build_stream(cfg, "finetune"), build_stream(cfg, "finetune")
+    a, b = stage_stream(cfg, "finetune"), stage_stream(cfg, "finetune")
     x = a.read_batch(range(16, 24))
     y = b.read_batch(list(range(16, 24)))
     assert torch.equal(x["images"], y["images"]) and torch.equal(x["rotations"], y["rotations"])
@@ -86,8 +87,8 @@ def test_labelled_batch_depends_only_on_its_ids():
 
 
 def test_a_new_seed_gives_new_images_and_poses():
-    x = build_stream(_ft_cfg(), "finetune").read_batch(range(8))
-    y = build_stream(_ft_cfg("seed=1"), "finetune").read_batch(range(8))
+    x = stage_stream(_ft_cfg(), "finetune").read_batch(range(8))
+    y = stage_stream(_ft_cfg("seed=1"), "finetune").read_batch(range(8))
     assert not torch.equal(x["rotations"], y["rotations"])
     assert not torch.equal(x["images"], y["images"])
 
@@ -96,7 +97,7 @@ def test_uniform_stream_poses_are_haar_distributed():
     # The rotation angle of a Haar rotation has density (1 - cos t) / pi: mean = pi/2 + 2/pi.
     from clerf.geometry import geodesic_distance
 
-    src = build_stream(_ft_cfg(), "finetune")
+    src = stage_stream(_ft_cfg(), "finetune")
     from triplets.poses import seeded_generator
 
     R = src.poses.sample(20000, seeded_generator(0, 5))
@@ -106,17 +107,32 @@ def test_uniform_stream_poses_are_haar_distributed():
 
 def test_held_out_set_is_fixed_and_shares_no_identity_with_training():
     cfg = _ft_cfg()
-    v1 = held_out_labelled(cfg, 12, 1_000_003)
-    v2 = held_out_labelled(cfg, 12, 1_000_003)
+    sections = dict(stream=cfg.finetune.stream, generator=cfg.generator, triplets=cfg.triplets)
+    v1 = held_out_labelled(12, 1_000_003, **sections)
+    v2 = held_out_labelled(12, 1_000_003, **sections)
     assert torch.equal(v1["images"], v2["images"]) and v1["images"].shape == (12, 3, 32, 32)
-    train = build_stream(cfg, "finetune").read_batch(range(12))
+    train = stage_stream(cfg, "finetune").read_batch(range(12))
     # other seed and other identity range: no held-out image equals a training image
     assert not (v1["images"][:, None] == train["images"][None]).flatten(2).all(-1).any()
 
 
+def test_a_stream_is_built_from_its_sections_alone():
+    # the builder takes the sections it reads (plain dataclasses do), not the experiment tree;
+    # the stage's stream (picked from a loaded config) is the same stream
+    cfg = _ft_cfg()
+    src = build_stream("labelled", stream=StreamConfig(enabled=True, epoch_size=64),
+                       generator=GeneratorConfig(resolution=32),
+                       triplets=TripletsConfig(poses="uniform"), seed=0)  # fmt: skip
+    a, b = src.read_batch(range(8)), stage_stream(cfg, "finetune").read_batch(range(8))
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["rotations"], b["rotations"])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_stream("pairs", stream=StreamConfig(), generator=GeneratorConfig(),
+                     triplets=TripletsConfig(), seed=0)  # fmt: skip
+
+
 def test_loader_over_a_stream_yields_the_sampler_batches():
     cfg = _ft_cfg()
-    src = build_stream(cfg, "finetune")
+    src = stage_stream(cfg, "finetune")
     loader = make_training_loader(src, 8, seed=0, rank=1, world_size=2)
     loader.sampler.set_epoch(1)
     batches = list(loader)
@@ -129,15 +145,15 @@ def test_loader_over_a_stream_yields_the_sampler_batches():
 def test_too_small_an_epoch_is_a_clear_error():
     from clerf.errors import DataError
 
-    src = build_stream(_ft_cfg(), "finetune")
+    src = stage_stream(_ft_cfg(), "finetune")
     with pytest.raises(DataError, match="fewer than one batch"):
         make_training_loader(src, 64, seed=0, world_size=2)
 
 
 def test_render_in_workers_equals_render_in_process():
     cfg = _ft_cfg()
-    a = list(make_training_loader(build_stream(cfg, "finetune"), 8, seed=0, num_workers=0))
-    b = list(make_training_loader(build_stream(cfg, "finetune"), 8, seed=0, num_workers=2))
+    a = list(make_training_loader(stage_stream(cfg, "finetune"), 8, seed=0, num_workers=0))
+    b = list(make_training_loader(stage_stream(cfg, "finetune"), 8, seed=0, num_workers=2))
     assert len(a) == len(b) == 8
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["images"], y["images"]) and torch.equal(x["rotations"], y["rotations"])
@@ -155,7 +171,7 @@ def test_triplet_stream_equals_the_store_clerf_generate_writes(tmp_path):
             "seed=3", "pretrain.stream.enabled=true", "pretrain.stream.epoch_size=12"]
     cfg = load_config(None, over)
     stored = TripletDataset(run_generate(cfg, tmp_path / "t.h5", progress=False))
-    src = build_stream(cfg, "pretrain")
+    src = stage_stream(cfg, "pretrain")
     for lo, hi in ((0, 12), (3, 9), (7, 8)):
         want, got = stored.read_batch(list(range(lo, hi))), src.read_batch(range(lo, hi))
         assert torch.equal(got["images"], want["images"]), (lo, hi)

@@ -97,10 +97,10 @@ def test_delta_180_is_exact_and_impossible_delta_rejected():
 def test_config_errors_are_config_errors():
     cfg = load_config(None, ["triplets.delta=200"])
     with pytest.raises(ConfigError, match="delta = 200.0 deg is impossible"):
-        build_triplet_sampler(cfg)
+        build_triplet_sampler(cfg.triplets, cfg.seed)
     cfg = load_config(None, ["triplets.yaw_range=[-120,0]"])
     with pytest.raises(ConfigError, match="yaw_range"):
-        build_triplet_sampler(cfg)
+        build_triplet_sampler(cfg.triplets, cfg.seed)
 
 
 def test_rejection_that_cannot_succeed_says_what_to_change():

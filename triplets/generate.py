@@ -42,18 +42,19 @@ from triplets.store import (
 __all__ = ["run_generate", "build_triplet_sampler", "shard_ranges", "shard_dir"]
 
 
-def build_triplet_sampler(cfg: DictConfig, accept=None) -> TripletSampler:
-    """The :class:`TripletSampler` described by ``cfg`` (seed + ``triplets`` section).
+def build_triplet_sampler(triplets: Any, seed: int, accept=None) -> TripletSampler:
+    """The :class:`TripletSampler` of a ``triplets`` section (pose sampler and rules) and the
+    experiment's ``seed``.
 
     Raises:
         ConfigError: impossible ``delta``, unknown sampler, bad ranges, too few identities.
     """
-    t = cfg.triplets
+    t = triplets
     try:
         poses: PoseSampler = build_pose_sampler(t)
         rule = TripletRule(float(t.delta), str(t.negatives), bool(t.hard_negatives),
                            int(t.num_identities))
-        return TripletSampler(int(cfg.seed), poses, rule, int(t.sampling_block), accept)
+        return TripletSampler(int(seed), poses, rule, int(t.sampling_block), accept)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -199,7 +200,7 @@ def run_generate(
         generator = build_generator(g.name, seed=int(cfg.seed), device=device, **params)
     except ValueError as exc:
         raise ConfigError(f"generator: {exc}") from exc
-    sampler = build_triplet_sampler(cfg, accept=generator.reachable)
+    sampler = build_triplet_sampler(cfg.triplets, int(cfg.seed), accept=generator.reachable)
     if overwrite and (out.exists() or sdir.exists()):
         # Written beside the old store, which is replaced only once the new one is complete.
         tmp = out.with_name(f".{out.stem}.overwrite{out.suffix}")
