@@ -251,24 +251,16 @@ def test_param_groups_lr_scales_and_permanent_freeze():
     ("finetune.val_fraction=1.0", "finetune.val_fraction"),
     ("head.decode=mode", "decode"),
     ("finetune.head_lr_scale=-1", "finetune.head_lr_scale"),
+    # progressive resizing (train.epochs is 2 by default): checked at load, and against the
+    # encoder's input_size (32 here) when the task is built
+    ("finetune.epoch_sizes=[32]", "finetune.epoch_sizes: expected one size per epoch"),
+    ("finetune.epoch_sizes=[16,32]", "finetune.epoch_sizes: expected sizes of at least 32"),
+    ("finetune.epoch_sizes=[32,48]", "finetune.epoch_sizes: expected sizes up to the encoder"),
 ])  # fmt: skip
 def test_bad_config_values_are_config_errors(override, message):
     R = random_rotation(32, torch.Generator().manual_seed(6))
     with pytest.raises(ConfigError, match=message):
         FinetuneTask(_cfg(override), train_data=InMemoryLabelled(axis_blobs(R, 32), R))
-
-
-@pytest.mark.parametrize("override, message", [
-    ("finetune.epoch_sizes=[32]", "finetune.epoch_sizes: expected one size per epoch"),
-    ("finetune.epoch_sizes=[16,32]", "finetune.epoch_sizes: expected sizes of at least 32"),
-    ("finetune.epoch_sizes=[32,48]", "finetune.epoch_sizes: expected sizes up to the encoder"),
-])  # fmt: skip
-def test_bad_epoch_sizes_are_config_errors(override, message):
-    # at load (the section's own checks) or when the task meets the encoder (its input_size)
-    R = random_rotation(32, torch.Generator().manual_seed(6))
-    with pytest.raises(ConfigError, match=message):
-        cfg = _cfg("finetune.train.epochs=2", override)
-        FinetuneTask(cfg, train_data=InMemoryLabelled(axis_blobs(R, 32), R))
 
 
 def test_progressive_resizing_trains_each_epoch_at_its_size(monkeypatch, tmp_path):
