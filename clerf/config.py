@@ -472,15 +472,8 @@ def head_config(values: Any, path: str = "head", legacy: bool = False) -> HeadCo
     if isinstance(values, HeadConfig) and type(values) is not HeadConfig:
         check_config(OmegaConf.structured(values), path)
         return values
-    if values is None:
-        d: dict[str, Any] = {}
-    elif isinstance(values, DictConfig):
-        d = OmegaConf.to_container(values, resolve=True)  # type: ignore[assignment]
-    elif is_dataclass(values):
-        d = asdict(values)  # type: ignore[arg-type]
-    else:
-        d = dict(values)
-    head = HEADS.from_dict(d, path, DEFAULT_HEAD, ignore=LEGACY_HEAD_KEYS if legacy else ())
+    head = HEADS.from_dict(to_dict(values), path, DEFAULT_HEAD,
+                           ignore=LEGACY_HEAD_KEYS if legacy else ())
     check_config(OmegaConf.structured(head), path)
     return head
 
@@ -923,8 +916,16 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A section as a plain dict: a DictConfig (interpolations resolved), a config dataclass,
+    any mapping, or ``None`` (an empty dict)."""
+    if cfg is None:
+        return {}
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True) or {}  # type: ignore[return-value]
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return asdict(cfg)
+    return dict(cfg)
 
 
 def save_resolved(cfg: DictConfig, directory: str | Path, filename: str = "config.yaml") -> Path:

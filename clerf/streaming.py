@@ -69,24 +69,15 @@ _STREAM_HELD_OUT = 12
 def _build_generator(generator: Any, seed: int, device: torch.device, extra_params: Any = None):
     """The generator of a ``generator`` section (name, params) with ``extra_params`` (a stream's
     ``generator_params``) on top."""
+    from clerf.config import to_dict
     from generators.base import build_generator
 
-    params = dict(_container(generator.params))
-    params.update(_container(extra_params))
+    params = to_dict(generator.params)
+    params.update(to_dict(extra_params))
     try:
         return build_generator(str(generator.name), seed=int(seed), device=device, **params)
     except ValueError as exc:
         raise ConfigError(f"generator: {exc}") from exc
-
-
-def _container(section: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if section is None:
-        return {}
-    if isinstance(section, DictConfig):
-        return dict(OmegaConf.to_container(section, resolve=True) or {})
-    return dict(section)
 
 
 class _Source:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
 from clerf import CONVENTIONS_VERSION, __version__
-from clerf.config import load_config, provenance, save_resolved
+from clerf.config import StreamConfig, load_config, provenance, save_resolved, to_dict
 from clerf.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,3 +214,14 @@ def test_sections_built_in_python_are_checked_by_their_own_dataclass(tmp_path):
     from clerf.config import to_yaml
 
     assert "mixed_precision: 'no'" in to_yaml(cfg)  # saved quoted: reloads as the string
+
+
+def test_to_dict_gives_the_same_plain_dict_from_every_form_of_a_section():
+    plain = to_dict(StreamConfig())  # a config dataclass
+    assert plain["epoch_size"] == StreamConfig().epoch_size
+    # the same section as a DictConfig, with an interpolation resolved, and as a plain mapping
+    cfg = OmegaConf.create({"s": plain, "n": 7, "t": {"epoch_size": "${n}"}})
+    assert to_dict(cfg.s) == plain
+    assert to_dict(cfg.t) == {"epoch_size": 7}
+    assert to_dict(dict(plain)) == plain
+    assert to_dict(None) == {} and to_dict(OmegaConf.create({})) == {}
